@@ -1,0 +1,1 @@
+"""The pricing sync: price sources and the job that runs them under a lease."""
