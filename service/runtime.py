@@ -90,7 +90,7 @@ def connect_redis(url: str, timeout_s: float) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 
 @asynccontextmanager
