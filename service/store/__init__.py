@@ -83,6 +83,7 @@ class Store:
         source: str,
         records: Sequence[PriceRecord],
         rejected: int = 0,
+        outranked_by: Sequence[str] = (),
     ) -> PriceCounts:
         async with self.db.connection() as conn:
             return await prices.apply(
@@ -93,6 +94,7 @@ class Store:
                 source=source,
                 records=records,
                 rejected=rejected,
+                outranked_by=outranked_by,
             )
 
 

@@ -48,12 +48,13 @@ WITH diff AS (
                 ELSE {_SNAPSHOT.format(t="p")} END AS before
     FROM incoming i
     LEFT JOIN model_prices p USING (provider, model_id)
-    WHERE p.provider IS NULL OR NOT p.active
+    WHERE (p.source IS NULL OR NOT p.source = ANY($4::text[]))
+      AND (p.provider IS NULL OR NOT p.active
        OR (p.name, p.input_usd_per_mtok, p.output_usd_per_mtok,
            p.cached_input_usd_per_mtok, p.context_window, p.source)
           IS DISTINCT FROM
           (i.name, i.input_usd_per_mtok, i.output_usd_per_mtok,
-           i.cached_input_usd_per_mtok, i.context_window, $1::text)
+           i.cached_input_usd_per_mtok, i.context_window, $1::text))
 ), written AS (
     INSERT INTO model_prices AS m (provider, model_id, name, source,
         input_usd_per_mtok, output_usd_per_mtok, cached_input_usd_per_mtok,
@@ -89,6 +90,7 @@ _SEEN_AGAIN = """
 UPDATE model_prices m SET missing_runs = 0
 FROM incoming i
 WHERE m.provider = i.provider AND m.model_id = i.model_id AND m.missing_runs > 0
+  AND m.source = $1
 """
 
 _COUNT_MISSING = """
@@ -125,8 +127,14 @@ async def apply(
     source: str,
     records: Sequence[PriceRecord],
     rejected: int = 0,
+    outranked_by: Sequence[str] = (),
 ) -> PriceCounts:
     """Merge one source's full catalog in one transaction, behind the fence.
+
+    When two sources price the same (provider, model id), the row belongs to the one
+    listed in ``outranked_by`` (sources configured after this one): this source
+    leaves it alone, and counts it unchanged. Only a source's own rows can be
+    deactivated by it.
 
     Raises FencedOut (and writes nothing) if a newer holder's fence was accepted.
     """
@@ -159,8 +167,8 @@ async def apply(
             ],
             columns=_COLUMNS,
         )
-        merged = await conn.fetchrow(_MERGE, source, fence_token, run_uuid)
-        await conn.execute(_SEEN_AGAIN)
+        merged = await conn.fetchrow(_MERGE, source, fence_token, run_uuid, list(outranked_by))
+        await conn.execute(_SEEN_AGAIN, source)
         deactivated = 0
         if len(records) >= COMPLETE_SHARE * int(known):
             await conn.execute(_COUNT_MISSING, source)

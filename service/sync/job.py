@@ -209,7 +209,8 @@ class SyncJob:
     async def _sync_sources(self, run: NewRun) -> RunOutcome:
         total = PriceCounts()
         results: list[SourceResultJSON] = []
-        for source in self.sources:
+        names = [source.name for source in self.sources]
+        for position, source in enumerate(self.sources):
             began = time.monotonic()
             error: str | None = None
             counts = PriceCounts()
@@ -222,6 +223,7 @@ class SyncJob:
                     source=source.name,
                     records=catalog.records,
                     rejected=catalog.rejected,
+                    outranked_by=names[position + 1 :],
                 )
             except FencedOut as exc:
                 log.warning("sync_fenced_out", source=source.name, accepted=exc.accepted)
