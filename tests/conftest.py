@@ -27,6 +27,8 @@ from service.lock import LeaseLock
 from service.runtime import connect_redis
 from service.store import Store
 
+pytest_plugins = ["tests.upstream"]
+
 REDIS_URL = os.environ.get("SYNCLOCK_TEST_REDIS_URL", "")
 DATABASE_URL = os.environ.get("SYNCLOCK_TEST_DATABASE_URL", "")
 REQUIRE = os.environ.get("SYNCLOCK_REQUIRE_BACKENDS", "") == "1"

@@ -4,42 +4,18 @@ endpoint served by a local test server (healthy, flaky, failing, hanging)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from service.records import RunStatus
 from service.sync.sources import SourceError
 from service.sync.sources.genai import read_catalog
 from service.sync.sources.openrouter import OpenRouterSource, parse_models, usd_per_mtok
-
-MODELS = {
-    "data": [
-        {
-            "id": "openai/gpt-4o",
-            "name": "OpenAI: GPT-4o",
-            "context_length": 128000,
-            "pricing": {
-                "prompt": "0.0000025",
-                "completion": "0.00001",
-                "input_cache_read": "0.00000125",
-            },
-        },
-        {"id": "meta/free-model", "pricing": {"prompt": "0", "completion": "0"}},
-        {"id": "openrouter/auto", "pricing": {"prompt": "-1", "completion": "-1"}},
-        {"id": "bad/negative", "pricing": {"prompt": "-0.5", "completion": "0"}},
-        {"id": "bad/text", "pricing": {"prompt": "cheap", "completion": "0"}},
-        {"id": "bad/float", "pricing": {"prompt": 1e-6, "completion": "0"}},
-        {"id": "", "pricing": {"prompt": "0", "completion": "0"}},
-        {"id": "openai/gpt-4o", "pricing": {"prompt": "1", "completion": "1"}},
-    ]
-}
+from tests.upstream import MODELS, Upstream
 
 
 @pytest.mark.parametrize(
@@ -96,39 +72,6 @@ def test_bundled_catalog_has_real_prices() -> None:
     assert len(priced) > 1_500
     assert all(r.input_usd_per_mtok >= 0 for r in priced if r.input_usd_per_mtok is not None)
     assert len({r.key for r in catalog.records}) == len(catalog.records)
-
-
-class Upstream:
-    """A local OpenRouter-style server whose behaviour each test scripts."""
-
-    def __init__(self) -> None:
-        self.replies: list[str] = []  # "ok", "500", "garbage", "hang"
-        self.calls = 0
-        self.payload: Any = MODELS
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.calls += 1
-        mode = self.replies.pop(0) if self.replies else "ok"
-        if mode == "500":
-            return web.Response(status=500, text="upstream broke")
-        if mode == "404":
-            return web.Response(status=404)
-        if mode == "garbage":
-            return web.Response(text="<html>not json", content_type="text/html")
-        if mode == "hang":
-            await asyncio.sleep(30)
-        return web.json_response(self.payload)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
-    fake = Upstream()
-    app = web.Application()
-    app.router.add_get("/api/v1/models", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield fake, str(server.make_url("/api/v1/models"))
-    await server.close()
 
 
 async def test_fetch_from_local_endpoint(upstream: tuple[Upstream, str]) -> None:
@@ -204,8 +147,7 @@ async def test_failing_source_makes_run_partial_and_leaves_its_models(
     conn = await asyncpg.connect(database_url)
     try:
         kept = await conn.fetch(
-            f'SELECT * FROM "{schema}".model_prices'
-            " WHERE source = 'openrouter' ORDER BY model_id"
+            f"SELECT * FROM \"{schema}\".model_prices WHERE source = 'openrouter' ORDER BY model_id"
         )
     finally:
         await conn.close()

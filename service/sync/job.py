@@ -63,6 +63,13 @@ class _Active:
     task: asyncio.Task[RunOutcome]
     lost: asyncio.Event
     started: float
+    work: asyncio.Task[RunOutcome] | None = None
+
+    def lose(self) -> None:
+        """The lease is gone: stop writing now."""
+        self.lost.set()
+        if self.work is not None:
+            self.work.cancel()
 
 
 class SyncJob:
@@ -176,6 +183,8 @@ class SyncJob:
         log.info("sync_started", trigger=run.trigger.value, by=run.requested_by)
         started = time.monotonic()
         work = asyncio.create_task(self._sync_sources(run))
+        if self._active is not None and self._active.run.id == run.id:
+            self._active.work = work
         renewer = asyncio.create_task(self._renew(lease, lost, work))
         try:
             outcome = await asyncio.shield(work)
@@ -200,7 +209,16 @@ class SyncJob:
         if self._active is not None and self._active.run.id == run.id:
             self._active = None
         if not lost.is_set():
-            await self._release_quietly(lease)  # the token never changes on renewal
+            # The token never changes on renewal. A lease already gone here was
+            # force-released or expired between renewals: the run lost it.
+            released = await self._release_quietly(lease)
+            if released is False and outcome.status is RunStatus.SUCCEEDED:
+                outcome = RunOutcome(
+                    RunStatus.LOST_LEASE,
+                    outcome.counts,
+                    "lease was gone when the run ended",
+                    outcome.sources,
+                )
         metrics.LOCK_HELD.set(0)
         metrics.LOCK_HOLD.observe(time.monotonic() - started)
         await self._record(run, outcome, time.monotonic() - started)
@@ -300,11 +318,14 @@ class SyncJob:
             log.warning("run_record_deferred", error=exc.detail)
             self._unrecorded[run.id] = outcome
 
-    async def _release_quietly(self, lease: Lease) -> None:
+    async def _release_quietly(self, lease: Lease) -> bool | None:
+        """True if released, False if it was no longer ours, None if Redis failed
+        (the lease then ends at its TTL)."""
         try:
-            await self.lock.release(lease)
+            return await self.lock.release(lease)
         except BackendUnavailable as exc:
             log.warning("lease_release_failed", error=exc.detail)
+            return None
 
     # -- reading -----------------------------------------------------------------
 
@@ -345,6 +366,9 @@ class SyncJob:
     async def force_release(self, reason: str, by: str) -> Holder | None:
         holder = await self.lock.force_release(self.lock_name)
         metrics.FORCED_RELEASES.inc()
+        active = self._active
+        if holder is not None and active is not None and holder.run_id == active.run.id:
+            active.lose()  # our own run: stop it now rather than at its next renewal
         log.warning(
             "lock_force_released",
             reason=reason,
