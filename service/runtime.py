@@ -9,6 +9,7 @@ useless for more than one replica, and logged as such.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -163,7 +164,9 @@ def _embedded_redis() -> aioredis.Redis:
 
 async def _embedded_postgres(settings: Settings, stack: AsyncExitStack) -> str:
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs' XDG_RUNTIME_DIR notice
+            import pgserver
     except ImportError as exc:
         raise ConfigError(
             "SYNCLOCK_DATABASE_URL",
