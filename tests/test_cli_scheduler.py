@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ async def test_scheduler_runs_periodically_and_replicas_never_overlap(
     finished = [r for r in runs if r.finished_at is not None]
     assert sum(r.status is RunStatus.SUCCEEDED for r in runs) >= 3
     assert {r.trigger for r in runs} == {"scheduled"}
-    for earlier, later in zip(finished, finished[1:], strict=False):
+    for earlier, later in itertools.pairwise(finished):
         assert earlier.finished_at is not None
         assert later.started_at >= earlier.finished_at  # never two at once
         # the next one waits for the interval after the last success

@@ -326,3 +326,45 @@ async def test_dead_holders_run_is_abandoned_once_its_lease_is_gone(
 
     assert record_ is not None and record_.status is RunStatus.ABANDONED
     assert job.running_locally() is None
+
+
+class _CountingLock(LeaseLock):
+    calls = 0
+
+    async def try_acquire(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await super().try_acquire(*args, **kwargs)
+
+
+async def test_concurrent_contended_triggers_share_one_redis_answer(
+    make_job: Any, real_redis: aioredis.Redis, prefix: str
+) -> None:
+    other = LeaseLock(real_redis, prefix=prefix, max_ttl_ms=600_000)
+    await other.try_acquire(LOCK, 10_000, owner="replica-z", run_id="run-z")
+    counting = _CountingLock(real_redis, prefix=prefix, max_ttl_ms=600_000)
+    job = await make_job([ListSource()], lock=counting)
+
+    answers = await asyncio.gather(
+        *(job.trigger(Trigger.MANUAL, "t") for _ in range(100)), return_exceptions=True
+    )
+
+    assert all(isinstance(a, SyncRunning) for a in answers)
+    assert {a.holder.owner for a in answers if isinstance(a, SyncRunning)} == {"replica-z"}
+    assert counting.calls < 20  # one call per round trip, not one per caller
+
+
+async def test_shared_attempt_passes_its_failure_to_every_waiter(
+    make_job: Any, real_redis: aioredis.Redis, prefix: str
+) -> None:
+    from service.errors import BackendUnavailable
+    from service.runtime import connect_redis
+
+    dead = connect_redis("redis://127.0.0.1:1/0", 0.2)
+    job = await make_job([ListSource()], lock=LeaseLock(dead, prefix=prefix, max_ttl_ms=60_000))
+
+    answers = await asyncio.gather(
+        *(job.trigger(Trigger.MANUAL, "t") for _ in range(20)), return_exceptions=True
+    )
+
+    assert all(isinstance(a, BackendUnavailable) for a in answers)
+    await dead.aclose()

@@ -3,9 +3,10 @@ one canonical log line."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import secrets
 import time
-import uuid
 
 import structlog
 from aiohttp import web
@@ -21,10 +22,16 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
+# New request ids: a random per-process half and a counter. Unique, ordered, and
+# without a system call per request (uuid4 showed up in profiles of the 429 path).
+_BOOT = secrets.token_hex(8)
+_SEQUENCE = itertools.count(1)
+
+
 def request_id(request: web.Request) -> str:
     """The caller's X-Request-ID when it is sane, else a new one."""
     given = request.headers.get("X-Request-ID", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else f"{_BOOT}{next(_SEQUENCE):016x}"
 
 
 def route_of(request: web.Request) -> str:

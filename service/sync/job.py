@@ -94,6 +94,7 @@ class SyncJob:
         self._tasks: dict[str, asyncio.Task[RunOutcome]] = {}
         self._unrecorded: dict[str, RunOutcome] = {}
         self._closing = False
+        self._attempt: asyncio.Future[Started | Holder] | None = None
 
     async def start(self) -> None:
         """Load the fence floor and the last success; close runs whose lease is gone."""
@@ -106,7 +107,13 @@ class SyncJob:
     # -- triggering --------------------------------------------------------------
 
     async def trigger(self, trigger: Trigger, requested_by: str) -> Started:
-        """Win the lease and start a run, or raise SyncRunning with the holder."""
+        """Win the lease and start a run, or raise SyncRunning with the holder.
+
+        Triggers that arrive while another trigger's attempt is in flight on this
+        instance share that attempt's answer instead of asking Redis again: under a
+        storm, Redis sees about one call per round trip, not one per caller. The
+        shared answer is at most one round trip old.
+        """
         if self._closing:
             raise BackendUnavailable("synclock", "instance is shutting down")
         local = self._local_holder()
@@ -114,6 +121,34 @@ class SyncJob:
             metrics.LOCK_ACQUISITIONS.labels(outcome="contended").inc()
             raise SyncRunning(self.lock_name, local)
 
+        pending = self._attempt
+        if pending is not None:
+            outcome = await asyncio.shield(pending)  # raises what the attempt raised
+            metrics.LOCK_ACQUISITIONS.labels(outcome="contended").inc()
+            raise SyncRunning(self.lock_name, _holder_of(outcome, self.instance))
+
+        attempt: asyncio.Future[Started | Holder] = asyncio.get_running_loop().create_future()
+        self._attempt = attempt
+        try:
+            outcome = await self._attempt_start(trigger, requested_by)
+        except BaseException as exc:
+            shared = (
+                exc
+                if isinstance(exc, Exception)
+                else BackendUnavailable("synclock", "trigger attempt was cancelled")
+            )
+            attempt.set_exception(shared)
+            attempt.exception()  # retrieved: no "never retrieved" noise without followers
+            raise
+        else:
+            attempt.set_result(outcome)
+        finally:
+            self._attempt = None
+        if isinstance(outcome, Holder):
+            raise SyncRunning(self.lock_name, outcome)
+        return outcome
+
+    async def _attempt_start(self, trigger: Trigger, requested_by: str) -> Started | Holder:
         for _ in range(_FENCE_RETRIES):
             run_id = str(uuid.uuid4())
             granted = await self.lock.try_acquire(
@@ -124,7 +159,7 @@ class SyncJob:
                 fence_floor=self._floor,
             )
             if isinstance(granted, Holder):
-                raise SyncRunning(self.lock_name, granted)
+                return granted
             run = NewRun(
                 id=run_id,
                 lock_name=self.lock_name,
@@ -411,6 +446,17 @@ class SyncJob:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+
+
+def _holder_of(outcome: Started | Holder, instance: str) -> Holder:
+    if isinstance(outcome, Holder):
+        return outcome
+    return Holder(
+        owner=instance,
+        run_id=outcome.run_id,
+        fence=outcome.fence,
+        remaining_ms=outcome.lease_remaining_ms,
+    )
 
 
 def _result(name: str, counts: PriceCounts, error: str | None, began: float) -> SourceResultJSON:
