@@ -64,7 +64,8 @@ def answers(host: str, port: int) -> bool:
 
 def run(argv: list[str]) -> int:
     ensure_venv("embedded")
-    return subprocess.call([str(BIN / "synclock"), "serve", *argv])
+    # Become the service: SIGTERM and Ctrl-C then reach it directly.
+    os.execv(str(BIN / "synclock"), [str(BIN / "synclock"), "serve", *argv])
 
 
 def test(argv: list[str]) -> int:

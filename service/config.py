@@ -8,12 +8,13 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from service.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SECRET_PARAM = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 _SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 GENAI_PRICES = "genai-prices"
@@ -141,20 +142,34 @@ _POSTGRES = ("postgres", "postgresql")
 def _url(variable: str, value: str, schemes: tuple[str, ...]) -> str | None:
     if not value:
         return None
-    scheme = urlsplit(value).scheme
-    if scheme not in schemes:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parses the port, raising on nonsense
+    except ValueError as exc:
+        raise ConfigError(variable, "<redacted>", f"not a valid URL: {exc}") from None
+    if parts.scheme not in schemes:
         shown = redact_url(value)
         raise ConfigError(variable, shown, f"scheme must be one of {', '.join(schemes)}")
     return value
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    """The URL with any password replaced, safe for logs and error messages:
+    the user-info password and secret-looking query parameters alike."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1))
+    if parts.query:
+        query = [
+            (key, "***" if _SECRET_PARAM.search(key) else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
 
 
 def _prefix(value: str) -> str:
@@ -196,7 +211,7 @@ def _choice(variable: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def _count(variable: str, value: str, high: int) -> int:
-    if not value.isdigit() or int(value) > high:
+    if not re.fullmatch(r"[0-9]{1,6}", value) or int(value) > high:
         raise ConfigError(variable, value, f"expected a whole number from 0 to {high}")
     return int(value)
 
@@ -215,7 +230,12 @@ def _sources(value: str) -> tuple[SourceConfig, ...]:
         url = url.strip()
         if not sep or not _SOURCE_NAME.match(name):
             raise ConfigError("SYNCLOCK_SOURCES", item, "expected genai-prices or name=https://...")
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - parses the port, raising on nonsense
+        except ValueError:
+            raise ConfigError("SYNCLOCK_SOURCES", item, "not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError("SYNCLOCK_SOURCES", item, "the URL must be http(s)")
         sources.append(SourceConfig(name=name, kind="openrouter", url=url))
     names = [s.name for s in sources]

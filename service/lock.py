@@ -215,14 +215,10 @@ class LeaseLock:
             )
         except (RedisError, OSError) as exc:
             metrics.LOCK_ACQUISITIONS.labels(outcome="error").inc()
-            await self._forget(name, token)
+            self._forget_later(name, token, ttl_ms)
             raise _unavailable(exc) from exc
         except asyncio.CancelledError:
-            # Cancelled between send and reply: the grant may exist without us
-            # knowing. Drop it rather than leave an orphan until its TTL.
-            task = asyncio.create_task(self._forget(name, token))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
+            self._forget_later(name, token, ttl_ms)
             raise
 
         if int(reply[0]) == 1:
@@ -308,12 +304,33 @@ class LeaseLock:
             remaining_ms=0,
         )
 
-    async def _forget(self, name: str, token: str) -> None:
+    def _forget_later(self, name: str, token: str, ttl_ms: int) -> None:
+        """An acquire whose reply never came may still be granted: a stalled Redis
+        runs the queued script when it resumes, possibly after a first release.
+        Keep releasing our token (only ever ours) in the background until the
+        lease would have expired anyway. The caller is not kept waiting."""
+        task = asyncio.create_task(self._forget(name, token, ttl_ms))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _forget(self, name: str, token: str, ttl_ms: int) -> None:
         lock_key, _, holder_key = self.keys(name)
-        try:
-            await _RELEASE(self.client, (lock_key, holder_key), (token,))
-        except (RedisError, OSError):
-            return  # best effort: the TTL ends the lease anyway
+        deadline = time.monotonic() + ttl_ms / 1000
+        delay_s = 0.05
+        while time.monotonic() < deadline:
+            try:
+                if await _RELEASE(self.client, (lock_key, holder_key), (token,)):
+                    return
+            except (RedisError, OSError):
+                pass  # Redis still away; try again
+            await asyncio.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
+            delay_s = min(delay_s * 2, 2.0)
+
+    async def aclose(self) -> None:
+        """Stop background releases (their leases end at their TTL anyway)."""
+        for task in list(self._cleanups):
+            task.cancel()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 
 def _unavailable(exc: BaseException) -> BackendUnavailable:

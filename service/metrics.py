@@ -30,7 +30,7 @@ LOCK_ACQUISITIONS = Counter(
 )
 TRIGGERS_REJECTED = Counter(
     "synclock_trigger_rejected_total",
-    "Sync triggers answered 429 because a sync already holds the lock.",
+    "Sync triggers refused because a sync already holds the lock (HTTP 429 when manual).",
     ["trigger"],
 )
 LEASE_RENEWALS = Counter(

@@ -91,6 +91,10 @@ class RunOutcome:
     counts: PriceCounts
     error: str | None
     sources: list[SourceResultJSON] = field(default_factory=list)
+    # When the run really ended; a record written later (Postgres was down)
+    # still shows these, not the time of writing.
+    finished_at: datetime | None = None
+    duration_s: float | None = None
 
 
 class RunJSON(TypedDict):

@@ -136,6 +136,7 @@ async def open_runtime(settings: Settings, *, migrate: bool = True) -> AsyncIter
             prefix=settings.redis_prefix,
             max_ttl_ms=round(settings.max_lock_ttl_s * 1000),
         )
+        stack.push_async_callback(lock.aclose)
         job = SyncJob(
             lock=lock,
             store=store,

@@ -35,7 +35,7 @@ REQUIRE = os.environ.get("SYNCLOCK_REQUIRE_BACKENDS", "") == "1"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 MAX_TTL_MS = 600_000
 
-logs.configure("warning", "json")
+logs.configure("info", "json")
 
 
 def need(url: str, variable: str) -> str:
@@ -151,6 +151,10 @@ async def make_client(
     yield make
     for client in reversed(clients):
         await client.close()
+    if REDIS_URL:  # the replicas' keys (fence counters have no TTL) go too
+        cleaner = connect_redis(REDIS_URL, 2.0)
+        await _drop_prefix(cleaner, make_settings().redis_prefix)
+        await cleaner.aclose()
 
 
 @pytest.fixture

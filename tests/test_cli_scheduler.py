@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
@@ -81,3 +82,51 @@ async def test_scheduler_runs_periodically_and_replicas_never_overlap(
         assert later.started_at >= earlier.finished_at  # never two at once
         # the next one waits for the interval after the last success
         assert later.started_at - earlier.finished_at >= timedelta(seconds=0.9)
+
+
+class _FlakyJob:
+    """Stands in for SyncJob: every call the scheduler makes fails once."""
+
+    lock_name = "pricing-sync"
+
+    def __init__(self) -> None:
+        self.triggers = 0
+        self.waits = 0
+        self.store = self
+
+    async def last_finished(self, *_: Any) -> None:
+        return None
+
+    async def trigger(self, *_: Any) -> Any:
+        from service.errors import BackendUnavailable
+        from service.sync.job import Started
+
+        self.triggers += 1
+        if self.triggers == 1:
+            raise BackendUnavailable("redis", "down")
+        return Started(f"00000000-0000-4000-8000-00000000000{self.triggers}", 1, 1000)
+
+    async def wait(self, *_: Any, **__: Any) -> None:
+        from service.errors import BackendUnavailable
+
+        self.waits += 1
+        if self.waits == 1:
+            raise BackendUnavailable("postgres", "down while the run ended")
+
+
+async def test_scheduler_keeps_going_after_backend_errors(monkeypatch: Any) -> None:
+    from service.sync import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "FIRST_RUN_DELAY_S", 0.0)
+    job = _FlakyJob()
+    scheduler = scheduler_module.Scheduler(job, interval_s=1, enabled=True)  # type: ignore[arg-type]
+    loop = asyncio.create_task(scheduler.run_forever())
+    for _ in range(100):
+        if job.triggers >= 3:
+            break
+        await asyncio.sleep(0.05)
+    loop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop
+    assert job.triggers >= 3  # a failed trigger and a failed wait did not end the loop
+    assert job.waits >= 2

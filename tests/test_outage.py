@@ -3,6 +3,7 @@ without a restart. Each test runs its own throwaway server on a free port."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -95,3 +96,26 @@ async def test_postgres_down_gives_fast_503_and_leaves_no_lock(
     again = await client.post(f"{TRIGGER}?wait=30", headers=auth)
     assert again.status == 200
     assert (await again.json())["status"] == "succeeded"
+
+
+async def test_stalled_redis_gives_503_within_its_timeout_and_leaves_no_orphan(
+    own_redis: ThrowawayRedis, make_client: Any, auth: dict[str, str]
+) -> None:
+    client = await make_client(SYNCLOCK_REDIS_URL=own_redis.url, SYNCLOCK_REDIS_TIMEOUT="300ms")
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)  # Redis hangs: no replies, no errors
+    try:
+        elapsed, refused = await timed(client.post(TRIGGER, headers=auth))
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+
+    # The queued acquire runs when Redis resumes; the background release follows it.
+    assert refused.status == 503 and elapsed < 0.6
+    for _ in range(40):
+        status = await client.get("/admin/pricing/scheduler/status", headers=auth)
+        if status.status == 200 and not (await status.json())["lock"]["held"]:
+            break
+        await asyncio.sleep(0.1)
+    assert (await status.json())["lock"]["held"] is False
+    again = await client.post(f"{TRIGGER}?wait=30", headers=auth)
+    assert again.status == 200

@@ -99,7 +99,9 @@ async def test_gives_up_after_bounded_retries(upstream: tuple[Upstream, str]) ->
     assert fake.calls == 3
 
 
-@pytest.mark.parametrize(("reply", "message"), [("404", "HTTP 404"), ("garbage", "not JSON")])
+@pytest.mark.parametrize(
+    ("reply", "message"), [("404", "HTTP 404"), ("garbage", "not usable JSON")]
+)
 async def test_permanent_errors_are_not_retried(
     upstream: tuple[Upstream, str], reply: str, message: str
 ) -> None:

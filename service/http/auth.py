@@ -34,7 +34,8 @@ class AdminTokens:
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise unauthorized()
-        given = presented.strip().encode()
+        # aiohttp hands over undecodable header bytes surrogate-escaped.
+        given = presented.strip().encode("utf-8", "surrogateescape")
         matched = 0
         for index, token in enumerate(self.tokens, start=1):
             if hmac.compare_digest(given, token):

@@ -57,6 +57,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BackendUnavailable as exc:
         log.warning("backend_unavailable", backend=exc.backend, error=exc.detail)
         response = unavailable(exc.backend, exc.detail).response()
+    except ConnectionResetError:
+        log.debug("client_went_away")
+        response = Problem(400, "client-disconnected", "Client disconnected", "").response()
     except Exception:
         log.exception("unhandled_error")
         response = Problem(500, "internal", "Internal error", "see the service log").response()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
+from service.errors import BackendUnavailable
 from service.http.keys import RUNTIME, TOKENS
 from service.http.problems import Problem, invalid
 from service.lock import Holder
@@ -22,6 +24,8 @@ routes = web.RouteTableDef()
 
 MAX_LIST_LIMIT = 100
 MAX_REASON_CHARS = 500
+_SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+_SMALL_INT = re.compile(r"[0-9]{1,6}")  # ASCII digits only: str.isdigit() accepts "²"
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -42,14 +46,10 @@ def _wait_s(request: web.Request) -> float:
     if raw is None or raw == "":
         return 0.0
     limit = request.app[RUNTIME].settings.max_wait_s
-    try:
-        value = float(raw)
-    except ValueError:
-        raise invalid(
-            f"wait ({raw[:40]!r}) must be a number of seconds", parameter="wait"
-        ) from None
-    if not math.isfinite(value) or value < 0:
-        raise invalid(f"wait ({raw[:40]!r}) must be 0 or more seconds", parameter="wait")
+    if not _SECONDS.fullmatch(raw):
+        # ASCII only: float() also takes Arabic-Indic digits, "1_0", "nan" and "inf".
+        raise invalid(f"wait ({raw[:40]!r}) must be a number of seconds", parameter="wait")
+    value = float(raw)
     if value > limit:
         raise invalid(f"wait ({value:g}) cannot exceed {limit:g} s", parameter="wait")
     return value
@@ -80,7 +80,10 @@ async def trigger(request: web.Request) -> web.Response:
     location = f"/admin/pricing/sync/runs/{started.run_id}"
     headers = {"Location": location}
     if wait_s > 0:
-        record = await job.wait(started.run_id, wait_s)
+        try:
+            record = await job.wait(started.run_id, wait_s)
+        except BackendUnavailable:
+            record = None  # the run started: say so, rather than hide its id in a 503
         if record is not None:
             return _json(record.to_json(), 200, headers)
     body = {
@@ -111,7 +114,7 @@ async def get_run(request: web.Request) -> web.Response:
 async def list_runs(request: web.Request) -> web.Response:
     request.app[TOKENS].caller(request)
     raw_limit = request.query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+    if not _SMALL_INT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
         raise invalid(
             f"limit ({raw_limit[:20]!r}) must be a whole number from 1 to {MAX_LIST_LIMIT}",
             parameter="limit",
@@ -196,7 +199,7 @@ async def _reason(request: web.Request) -> str:
         )
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise Problem(
             400, "malformed-json", "Malformed JSON", "the body is not valid JSON"
         ) from None
@@ -230,7 +233,9 @@ async def readyz(request: web.Request) -> web.Response:
         return _json({"status": "shutting down"}, 503)
     checks = await runtime.readiness()
     ok = all(value == "ok" for value in checks.values())
-    return _json({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+    # Unauthenticated: say which backend is down, not its address (that is logged).
+    shown = {name: "ok" if value == "ok" else "unavailable" for name, value in checks.items()}
+    return _json({"status": "ok" if ok else "unavailable", "checks": shown}, 200 if ok else 503)
 
 
 @routes.get("/metrics")

@@ -16,6 +16,8 @@ from service.records import (
 from service.store import fence, prices, runs
 from service.store.db import Database
 
+WRITE_BUDGET_FACTOR = 6
+
 
 class Store:
     """The only door to Postgres. Every method raises BackendUnavailable when
@@ -85,7 +87,8 @@ class Store:
         rejected: int = 0,
         outranked_by: Sequence[str] = (),
     ) -> PriceCounts:
-        async with self.db.connection() as conn:
+        # A whole catalog merge may take several round trips' worth of time.
+        async with self.db.connection(budget_s=self.db.timeout_s * WRITE_BUDGET_FACTOR) as conn:
             return await prices.apply(
                 conn,
                 lock_name=lock_name,

@@ -77,11 +77,17 @@ class Database:
             self.pool.terminate()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; outages surface as BackendUnavailable."""
+    async def connection(self, budget_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; outages surface as BackendUnavailable.
+
+        Everything done with it, from waiting for a connection to handing it back,
+        must finish within ``budget_s`` (the configured timeout by default): a
+        stalled Postgres costs a caller one timeout, not one per step.
+        """
         try:
-            async with self.pool.acquire(timeout=self.timeout_s) as conn:
-                yield conn
+            async with asyncio.timeout(self.timeout_s if budget_s is None else budget_s):
+                async with self.pool.acquire(timeout=self.timeout_s) as conn:
+                    yield conn
         except _OUTAGE_ERRORS as exc:
             raise outage(exc) from exc
 

@@ -44,8 +44,8 @@ async def finish(conn: asyncpg.Connection, run_id: str, outcome: RunOutcome) -> 
     given its real ending; a run already finished is left alone."""
     c = outcome.counts
     done = await conn.fetchval(
-        "UPDATE sync_runs SET status = $2, finished_at = now(),"
-        " duration_s = extract(epoch FROM now() - started_at),"
+        "UPDATE sync_runs SET status = $2, finished_at = coalesce($11, now()),"
+        " duration_s = coalesce($12, extract(epoch FROM now() - started_at)),"
         " seen = $3, added = $4, changed = $5, unchanged = $6, deactivated = $7,"
         " rejected = $8, error = $9, sources = $10"
         " WHERE id = $1 AND status IN ('running', 'abandoned') RETURNING true",
@@ -59,6 +59,8 @@ async def finish(conn: asyncpg.Connection, run_id: str, outcome: RunOutcome) -> 
         c.rejected,
         outcome.error,
         outcome.sources,
+        outcome.finished_at,
+        outcome.duration_s,
     )
     return bool(done)
 

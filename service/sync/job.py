@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
@@ -224,14 +225,19 @@ class SyncJob:
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if this is not None and this.cancelling():
+                this.uncancel()  # handled here: the run is still released and recorded
             if lost.is_set():
                 outcome = RunOutcome(RunStatus.LOST_LEASE, PriceCounts(), "lease lost")
             else:
                 # Cancelled from outside: shutdown past its grace period.
                 work.cancel()
                 outcome = RunOutcome(RunStatus.INTERRUPTED, PriceCounts(), "shut down")
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({work}, timeout=5)
+            await asyncio.wait({work}, timeout=5)
+        except Exception as exc:
+            log.exception("sync_crashed")
+            outcome = RunOutcome(RunStatus.FAILED, PriceCounts(), f"{type(exc).__name__}: {exc}")
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -285,6 +291,11 @@ class SyncJob:
             except SynclockError as exc:
                 error = str(exc)
                 log.warning("source_failed", source=source.name, error=error)
+            except Exception as exc:
+                # Bad data a source let through, or a bug: this source fails, the
+                # others still run, and the run is still recorded and released.
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                log.exception("source_crashed", source=source.name)
             total += counts
             results.append(_result(source.name, counts, error, began))
 
@@ -329,6 +340,9 @@ class SyncJob:
         work.cancel()
 
     async def _record(self, run: NewRun, outcome: RunOutcome, duration_s: float) -> None:
+        outcome = dataclasses.replace(
+            outcome, finished_at=datetime.now(UTC), duration_s=round(duration_s, 6)
+        )
         status = outcome.status.value
         metrics.SYNC_RUNS.labels(outcome=status).inc()
         metrics.SYNC_DURATION.labels(outcome=status).observe(duration_s)
@@ -367,13 +381,13 @@ class SyncJob:
     async def wait(self, run_id: str, timeout_s: float) -> RunRecord | None:
         """The finished run, or None if it is still running after ``timeout_s``.
         Waiting never cancels the run."""
+        deadline = time.monotonic() + timeout_s
         task = self._tasks.get(run_id)
         if task is not None:
             await asyncio.wait({task}, timeout=timeout_s)
             if not task.done():
                 return None
         record = await self.store.get_run(run_id)
-        deadline = time.monotonic() + timeout_s
         while record is not None and not record.finished:
             if time.monotonic() >= deadline:
                 return None

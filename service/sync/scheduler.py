@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from service import metrics
 from service.errors import BackendUnavailable
 from service.records import RunStatus, Trigger
 from service.sync.job import SyncJob, SyncRunning
@@ -23,6 +24,7 @@ log = structlog.get_logger("synclock.scheduler")
 FIRST_RUN_DELAY_S = 2.0
 MAX_RETRY_DELAY_S = 300.0
 MAX_JITTER_S = 300.0
+MIN_GAP_S = 0.5
 
 
 class Scheduler:
@@ -68,7 +70,16 @@ class Scheduler:
                 # synced meanwhile, which moves the due time.
                 await asyncio.sleep(min(wait_s, 60.0))
                 continue
-            await self._fire()
+            try:
+                await self._fire()
+            except BackendUnavailable as exc:
+                log.warning("scheduler_backend_unavailable", error=exc.detail)
+                await asyncio.sleep(min(self.interval_s, 5.0))
+            except Exception:
+                log.exception("scheduler_error")
+                await asyncio.sleep(min(self.interval_s, 5.0))
+            # Never spin: whatever the log says next, leave the loop a breath.
+            await asyncio.sleep(MIN_GAP_S)
 
     async def _fire(self) -> None:
         began = time.monotonic()
@@ -76,6 +87,7 @@ class Scheduler:
         try:
             started = await self.job.trigger(Trigger.SCHEDULED, "scheduler")
         except SyncRunning as exc:
+            metrics.TRIGGERS_REJECTED.labels(trigger="scheduled").inc()
             log.debug("scheduled_sync_skipped", holder=exc.holder.owner)
             await asyncio.sleep(max(1.0, exc.holder.remaining_ms / 1000))
             return

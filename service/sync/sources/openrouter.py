@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 
@@ -19,6 +19,10 @@ from service.sync.sources import Catalog, SourceError, dedupe
 
 TOKENS_PER_MTOK = Decimal(1_000_000)
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# Bounds that no real price crosses; beyond them Decimal and Postgres misbehave
+# (a huge exponent was stored as 0, i.e. "free").
+MAX_USD_PER_TOKEN = Decimal(1000)
+MIN_EXPONENT = -30
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 
@@ -34,7 +38,7 @@ def usd_per_mtok(value: Any) -> Decimal | None:
         raise _Malformed(f"price {value!r} is not a decimal string")
     try:
         per_token = Decimal(str(value).strip())
-    except InvalidOperation as exc:
+    except (InvalidOperation, ArithmeticError) as exc:
         raise _Malformed(f"price {value!r} is not a decimal") from exc
     if not per_token.is_finite():
         raise _Malformed(f"price {value!r} is not finite")
@@ -42,7 +46,20 @@ def usd_per_mtok(value: Any) -> Decimal | None:
         return None
     if per_token < 0:
         raise _Malformed(f"price {value!r} is negative")
+    if per_token > MAX_USD_PER_TOKEN or (per_token and per_token.adjusted() < MIN_EXPONENT):
+        raise _Malformed(f"price {str(value)[:40]!r} is out of range")
     return (per_token * TOKENS_PER_MTOK).normalize()
+
+
+def _clean_text(value: Any) -> TypeGuard[str]:
+    """A str that Postgres can store: no NUL, no lone surrogates."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_models(source: str, payload: Any) -> Catalog:
@@ -62,8 +79,8 @@ def _record(source: str, item: Any) -> PriceRecord:
     if not isinstance(item, dict):
         raise _Malformed("model entry is not an object")
     model_id = item.get("id")
-    if not isinstance(model_id, str) or not model_id.strip() or len(model_id) > 300:
-        raise _Malformed(f"model id {model_id!r} is invalid")
+    if not _clean_text(model_id) or not model_id.strip() or len(model_id) > 300:
+        raise _Malformed(f"model id {str(model_id)[:40]!r} is invalid")
     pricing = item.get("pricing")
     if not isinstance(pricing, dict):
         raise _Malformed(f"model {model_id!r} has no pricing object")
@@ -78,7 +95,7 @@ def _record(source: str, item: Any) -> PriceRecord:
     return PriceRecord(
         provider=source,
         model_id=model_id.strip(),
-        name=name if isinstance(name, str) else None,
+        name=name[:500] if _clean_text(name) else None,
         input_usd_per_mtok=usd_per_mtok(pricing.get("prompt")),
         output_usd_per_mtok=usd_per_mtok(pricing.get("completion")),
         cached_input_usd_per_mtok=usd_per_mtok(pricing.get("input_cache_read")),
@@ -141,8 +158,8 @@ class OpenRouterSource:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         try:
             return json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise SourceError(f"{self.name}: response is not JSON") from exc
+        except (ValueError, RecursionError) as exc:
+            raise SourceError(f"{self.name}: response is not usable JSON") from exc
 
 
 class _Retryable(Exception):
