@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service import metrics
 from service.errors import BackendUnavailable
 from service.http.keys import RUNTIME, TOKENS
+from service.http.openapi import DOCUMENT
 from service.http.problems import Problem, invalid
 from service.lock import Holder
 from service.records import RunStatus, Trigger
@@ -236,6 +237,11 @@ async def readyz(request: web.Request) -> web.Response:
     # Unauthenticated: say which backend is down, not its address (that is logged).
     shown = {name: "ok" if value == "ok" else "unavailable" for name, value in checks.items()}
     return _json({"status": "ok" if ok else "unavailable", "checks": shown}, 200 if ok else 503)
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return _json(DOCUMENT)
 
 
 @routes.get("/metrics")
