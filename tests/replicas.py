@@ -81,6 +81,12 @@ class Replica:
         self.process = None
         return code
 
+    def wait_exit(self, timeout_s: float) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout=timeout_s)
+        self.process = None
+        return code
+
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
