@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from service import metrics
+from tests.proxy import FlakyProxy
 from tests.servers import ThrowawayPostgres, ThrowawayRedis
 
 TRIGGER = "/admin/pricing/scheduler/trigger"
@@ -119,3 +120,37 @@ async def test_stalled_redis_gives_503_within_its_timeout_and_leaves_no_orphan(
     assert (await status.json())["lock"]["held"] is False
     again = await client.post(f"{TRIGGER}?wait=30", headers=auth)
     assert again.status == 200
+
+
+async def test_flaky_network_to_redis_gives_503_never_a_hang(
+    make_client: Any, auth: dict[str, str], redis_url: str
+) -> None:
+    proxy = await FlakyProxy(redis_url).start()
+    try:
+        client = await make_client(SYNCLOCK_REDIS_URL=proxy.url, SYNCLOCK_REDIS_TIMEOUT="300ms")
+        status_path = "/admin/pricing/scheduler/status"
+        seen: dict[str, tuple[int, float]] = {}
+
+        proxy.mode, proxy.delay_s = "slow", 0.05  # latency under the timeout: still served
+        elapsed, slow = await timed(client.get(status_path, headers=auth))
+        seen["slow"] = (slow.status, elapsed)
+        for mode in ("blackhole", "reset"):
+            proxy.mode = mode
+            elapsed, answer = await timed(client.post(TRIGGER, headers=auth))
+            seen[mode] = (answer.status, elapsed)
+            proxy.cut_all()
+
+        proxy.mode = "pass"
+        for _ in range(40):  # the unanswered grant is released in the background
+            state = await client.get(status_path, headers=auth)
+            if state.status == 200 and not (await state.json())["lock"]["held"]:
+                break
+            await asyncio.sleep(0.1)
+        healed = await client.post(f"{TRIGGER}?wait=30", headers=auth)
+    finally:
+        await proxy.close()
+
+    assert seen["slow"][0] == 200
+    assert seen["blackhole"][0] == 503 and seen["blackhole"][1] < 1.0
+    assert seen["reset"][0] == 503 and seen["reset"][1] < 1.0
+    assert healed.status == 200
