@@ -109,6 +109,7 @@ class GatedUpstream:
         self.payloads: list[Any] = []
         self.payload: Any = MODELS
         self.gate = threading.Event()
+        self.delay_s = 0.0  # every answer waits this long (a slow upstream)
         self.requests = 0
         self.arrived = threading.Event()
         self._lock = threading.Lock()
@@ -123,6 +124,7 @@ class GatedUpstream:
                 upstream.arrived.set()
                 if mode == "gate":
                     upstream.gate.wait(60)
+                time.sleep(upstream.delay_s)
                 status = 500 if mode == "500" else 200
                 data = json.dumps(body).encode()
                 try:
