@@ -92,8 +92,9 @@ DOCUMENT: dict[str, Any] = {
                         "name": "wait",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "number", "minimum": 0},
-                        "description": "seconds to wait for the run to finish (bounded)",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,6}(\\.[0-9]{1,6})?$"},
+                        "description": "seconds to wait for the run to finish, in plain"
+                        " decimal, at most SYNCLOCK_MAX_WAIT (60 by default); empty means 0",
                     }
                 ],
                 "responses": {
@@ -216,7 +217,13 @@ DOCUMENT: dict[str, Any] = {
                                 "type": "object",
                                 "required": ["reason"],
                                 "properties": {
-                                    "reason": {"type": "string", "minLength": 1, "maxLength": 500}
+                                    "reason": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 500,
+                                        "description": "printable text; control and"
+                                        " unassigned characters are refused (422)",
+                                    }
                                 },
                             }
                         }

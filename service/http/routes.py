@@ -114,7 +114,7 @@ async def get_run(request: web.Request) -> web.Response:
 @routes.get("/admin/pricing/sync/runs")
 async def list_runs(request: web.Request) -> web.Response:
     request.app[TOKENS].caller(request)
-    raw_limit = request.query.get("limit", "20")
+    raw_limit = request.query.get("limit") or "20"  # empty means absent, like status=
     if not _SMALL_INT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
         raise invalid(
             f"limit ({raw_limit[:20]!r}) must be a whole number from 1 to {MAX_LIST_LIMIT}",
