@@ -199,3 +199,20 @@ async def test_json_log_lines_parse(
     assert finished and {"lock", "fence", "run_id"} <= finished[0].keys()
     requests = [line for line in lines if line["event"] == "request"]
     assert requests and all("request_id" in line for line in requests)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="aiohttp's HTTP parser rejects a control character in a header with its own "
+    "text/plain 400 before any middleware runs, so no problem document is possible there",
+)
+async def test_control_character_in_header_gets_a_problem_document(make_client: Any) -> None:
+    client = await make_client()
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\x01b\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"application/problem+json" in head
