@@ -1,4 +1,5 @@
-"""The ``synclock`` command: serve, sync, migrate."""
+"""The ``synclock`` command: serve, sync, migrate; and status, trigger, runs, release
+against a running service."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from service import __version__, logs
+from service import __version__, logs, opsclient
 from service.config import Settings
 from service.errors import BackendUnavailable, ConfigError
 from service.records import RunRecord, RunStatus, Trigger
@@ -28,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080)
     commands.add_parser("sync", help="run one sync through the lock and print a summary")
     commands.add_parser("migrate", help="apply database migrations and exit")
+    opsclient.add_arguments(commands)
     args = parser.parse_args(argv)
+    if args.command in ("status", "trigger", "runs", "release"):
+        return opsclient.run(args)  # a client of a running service: no server settings
 
     try:
         settings = Settings.from_env()

@@ -1,0 +1,183 @@
+"""The operator commands (status, trigger, runs, release): a thin client of the HTTP API.
+
+They talk to a running service, so they need its URL and an admin token, from
+flags or from ``SYNCLOCK_URL`` / ``SYNCLOCK_TOKEN``. Exit codes are stable for
+scripts: 0 ok, 1 the run did not succeed, 2 usage, 3 a sync is already running,
+4 service or backend unavailable, 5 token refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCK_HELD = 3
+EXIT_UNAVAILABLE = 4
+EXIT_UNAUTHORIZED = 5
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class Answer:
+    def __init__(self, status: int, body: Any) -> None:
+        self.status = status
+        self.body = body
+
+
+def add_arguments(commands: Any) -> None:
+    """Register status, trigger, runs and release on the CLI's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("SYNCLOCK_URL", DEFAULT_URL))
+    common.add_argument("--token", default=os.environ.get("SYNCLOCK_TOKEN", ""))
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    commands.add_parser("status", parents=[common], help="lock holder, running run, schedule")
+    trigger = commands.add_parser("trigger", parents=[common], help="start a sync")
+    trigger.add_argument("--wait", type=float, default=0.0, metavar="S")
+    runs = commands.add_parser("runs", parents=[common], help="recent runs, newest first")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--status", default="")
+    release = commands.add_parser("release", parents=[common], help="force-release the lock")
+    release.add_argument("--reason", required=True)
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Answer:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {args.token}")
+    request.add_header("X-Requested-By", "synclock-cli")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            return Answer(response.status, json.loads(response.read() or b"null"))
+    except urllib.error.HTTPError as error:
+        try:
+            return Answer(error.code, json.loads(error.read() or b"null"))
+        except ValueError:
+            return Answer(error.code, None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.token:
+        print("synclock: no token: pass --token or set SYNCLOCK_TOKEN", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "status":
+            return _status(args)
+        if args.command == "trigger":
+            return _trigger(args)
+        if args.command == "runs":
+            return _runs(args)
+        return _release(args)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"synclock: cannot reach {args.url}: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _refused(answer: Answer) -> int | None:
+    """The exit code for an error answer, after saying what it was."""
+    if answer.status < 400:
+        return None
+    detail = answer.body.get("detail") if isinstance(answer.body, dict) else ""
+    print(f"synclock: HTTP {answer.status}: {detail}", file=sys.stderr)
+    if answer.status == 401:
+        return EXIT_UNAUTHORIZED
+    if answer.status == 503:
+        return EXIT_UNAVAILABLE
+    return EXIT_USAGE
+
+
+def _emit(args: argparse.Namespace, body: Any, text: str) -> None:
+    print(json.dumps(body, indent=2) if args.json else text)
+
+
+def _status(args: argparse.Namespace) -> int:
+    answer = call(args, "GET", "/admin/pricing/scheduler/status")
+    if (code := _refused(answer)) is not None:
+        return code
+    body = answer.body
+    lock, holder = body["lock"], body["lock"]["holder"]
+    rows = [
+        ("lock", f"{lock['name']} ({'held' if lock['held'] else 'free'})"),
+        ("holder", f"{holder['owner']} run {holder['run_id']}" if holder else "-"),
+        ("fence", str(holder["fence"] if holder else lock["last_fence"])),
+        ("lease left", f"{holder['lease_remaining_ms']} ms" if holder else "-"),
+        ("last success", body["last_success_at"] or "never"),
+        ("next scheduled", body["scheduler"]["next_run_at"] or "-"),
+        ("instance asked", body["instance"]),
+    ]
+    _emit(args, body, "\n".join(f"{k:<16}{v}" for k, v in rows))
+    return EXIT_OK
+
+
+def _trigger(args: argparse.Namespace) -> int:
+    path = "/admin/pricing/scheduler/trigger"
+    if args.wait > 0:
+        path += f"?wait={args.wait:g}"
+    answer = call(args, "POST", path)
+    if answer.status == 429:
+        holder = answer.body["holder"]
+        _emit(
+            args,
+            answer.body,
+            f"already running: run {holder['run_id']} on {holder['owner']}"
+            f" (fence {holder['fence']}); retry in {answer.body['retry_after_s']} s",
+        )
+        return EXIT_LOCK_HELD
+    if (code := _refused(answer)) is not None:
+        return code
+    body = answer.body
+    if answer.status == 202:
+        _emit(args, body, f"started run {body['run_id']} (fence {body['fence']})")
+        return EXIT_OK
+    _emit(args, body, _run_table([body]))
+    return EXIT_OK if body["status"] == "succeeded" else EXIT_RUN_FAILED
+
+
+def _runs(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit)}
+    if args.status:
+        query["status"] = args.status
+    answer = call(args, "GET", "/admin/pricing/sync/runs?" + urllib.parse.urlencode(query))
+    if (code := _refused(answer)) is not None:
+        return code
+    _emit(args, answer.body, _run_table(answer.body["runs"]))
+    return EXIT_OK
+
+
+def _release(args: argparse.Namespace) -> int:
+    answer = call(args, "DELETE", "/admin/pricing/sync/lock", {"reason": args.reason})
+    if (code := _refused(answer)) is not None:
+        return code
+    holder = answer.body["holder"]
+    text = (
+        f"released: was {holder['owner']} run {holder['run_id']} (fence {holder['fence']})"
+        if holder
+        else "nothing to release: the lock was free"
+    )
+    _emit(args, answer.body, text)
+    return EXIT_OK
+
+
+def _run_table(runs: list[dict[str, Any]]) -> str:
+    header = f"{'run id':<38}{'status':<12}{'fence':>6}  {'trigger':<10}{'started':<27}{'s':>7}"
+    lines = [header]
+    for run in runs:
+        counts = run["counts"]
+        lines.append(
+            f"{run['id']:<38}{run['status']:<12}{run['fence']:>6}  {run['trigger']:<10}"
+            f"{run['started_at'][:26]:<27}{run['duration_s'] or 0:>7.2f}"
+            f"  +{counts['added']} ~{counts['changed']} -{counts['deactivated']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The operator commands against a real ``synclock serve`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.replicas import GatedUpstream, Replica
+from tests.servers import free_port
+
+
+@pytest.fixture
+def served(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Replica, GatedUpstream]]:
+    upstream = GatedUpstream()
+    upstream.modes = ["gate"]
+    replica = Replica("ops", {**env, "SYNCLOCK_SOURCES": f"slow={upstream.url}"}, tmp_path)
+    replica.start().wait_ready()
+    yield replica, upstream
+    replica.stop()
+    upstream.close()
+
+
+def synclock(url: str, *args: str, token: str = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SYNCLOCK_")}
+    environment.update({"SYNCLOCK_URL": url, "SYNCLOCK_TOKEN": token})
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_trigger_status_runs_release_with_exit_codes(
+    served: tuple[Replica, GatedUpstream],
+) -> None:
+    replica, upstream = served
+
+    started = synclock(replica.url, "trigger")
+    busy = synclock(replica.url, "trigger")
+    status = synclock(replica.url, "status")
+    as_json = json.loads(synclock(replica.url, "status", "--json").stdout)
+    released = synclock(replica.url, "release", "--reason", "ops test")
+    upstream.gate.set()
+    waited = synclock(replica.url, "trigger", "--wait", "30")
+    runs = synclock(replica.url, "runs", "--limit", "5")
+    lost = synclock(replica.url, "runs", "--status", "lost_lease", "--json")
+
+    assert started.returncode == 0 and started.stdout.startswith("started run ")
+    assert busy.returncode == 3 and "already running" in busy.stdout
+    assert status.returncode == 0 and "held" in status.stdout and "ops run" in status.stdout
+    assert as_json["lock"]["held"] is True
+    assert released.returncode == 0 and released.stdout.startswith("released: was ops run")
+    assert waited.returncode == 0 and "succeeded" in waited.stdout
+    assert runs.returncode == 0 and len(runs.stdout.splitlines()) == 3  # header + 2 runs
+    assert [r["status"] for r in json.loads(lost.stdout)["runs"]] == ["lost_lease"]
+
+
+def test_wrong_token_and_unreachable_service_have_their_own_codes(
+    served: tuple[Replica, GatedUpstream],
+) -> None:
+    replica, _ = served
+    refused = synclock(replica.url, "status", token="wrong-token-0123456789")
+    unreachable = synclock(f"http://127.0.0.1:{free_port()}", "status")
+    missing = synclock(replica.url, "status", token="")
+
+    assert refused.returncode == 5 and "HTTP 401" in refused.stderr
+    assert unreachable.returncode == 4 and "cannot reach" in unreachable.stderr
+    assert missing.returncode == 2 and "no token" in missing.stderr
