@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from service import redis_urls
 from service.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -135,13 +136,19 @@ class Settings:
         )
 
 
-_REDIS = ("redis", "rediss", "unix")
+_REDIS = redis_urls.SCHEMES
 _POSTGRES = ("postgres", "postgresql")
 
 
 def _url(variable: str, value: str, schemes: tuple[str, ...]) -> str | None:
     if not value:
         return None
+    if value.startswith(("redis+sentinel://", "redis+cluster://")):
+        try:
+            redis_urls.parse(value)
+        except ValueError as exc:
+            raise ConfigError(variable, redact_url(value), str(exc)) from None
+        return value
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - parses the port, raising on nonsense

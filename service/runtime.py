@@ -13,14 +13,16 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from service import metrics
+from service import metrics, redis_urls
 from service.config import Settings, redact_url
 from service.errors import BackendUnavailable, ConfigError
 from service.lock import LeaseLock
@@ -82,6 +84,34 @@ class Runtime:
 
 
 def connect_redis(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client for one server, a Sentinel-managed primary or a Cluster, with every
+    timeout set and no silent retries (an outage must surface as a fast 503)."""
+    topology = redis_urls.parse(url)
+    if topology.kind == "cluster":
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
+            password=topology.password,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cast(aioredis.Redis, cluster)  # the commands the lock uses are shared
+    if topology.kind == "sentinel":
+        sentinel = Sentinel(
+            list(topology.nodes),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            topology.service,
+            password=topology.password,
+            db=topology.db,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return client
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,
