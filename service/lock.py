@@ -304,6 +304,10 @@ class LeaseLock:
             remaining_ms=0,
         )
 
+    def release_later(self, lease: Lease) -> None:
+        """Keep trying to release ``lease`` in the background (Redis is away now)."""
+        self._forget_later(lease.name, lease.token, lease.ttl_ms)
+
     def _forget_later(self, name: str, token: str, ttl_ms: int) -> None:
         """An acquire whose reply never came may still be granted: a stalled Redis
         runs the queued script when it resumes, possibly after a first release.

@@ -246,7 +246,23 @@ class SyncJob:
             outcome = RunOutcome(
                 RunStatus.LOST_LEASE, outcome.counts, "lease lost", outcome.sources
             )
+        # The tail (release, record) must run to its end even if a shutdown cancels
+        # this task now: a run left "running" with Postgres up would be a lie. It
+        # is bounded by the backends' timeouts.
+        tail = asyncio.create_task(self._finish(run, lease, lost, outcome, started))
+        while True:
+            try:
+                return await asyncio.shield(tail)
+            except asyncio.CancelledError:
+                this = asyncio.current_task()
+                if this is not None and this.cancelling():
+                    this.uncancel()
+                if tail.done():
+                    return tail.result()
 
+    async def _finish(
+        self, run: NewRun, lease: Lease, lost: asyncio.Event, outcome: RunOutcome, started: float
+    ) -> RunOutcome:
         if self._active is not None and self._active.run.id == run.id:
             self._active = None
         if not lost.is_set():
@@ -368,12 +384,14 @@ class SyncJob:
             self._unrecorded[run.id] = outcome
 
     async def _release_quietly(self, lease: Lease) -> bool | None:
-        """True if released, False if it was no longer ours, None if Redis failed
-        (the lease then ends at its TTL)."""
+        """True if released, False if it was no longer ours, None if Redis failed:
+        the release is then retried in the background until the lease would have
+        expired, so a partition does not block every trigger for a whole TTL."""
         try:
             return await self.lock.release(lease)
         except BackendUnavailable as exc:
             log.warning("lease_release_failed", error=exc.detail)
+            self.lock.release_later(lease)
             return None
 
     # -- reading -----------------------------------------------------------------
