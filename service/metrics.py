@@ -22,6 +22,22 @@ RUN_OUTCOMES = (
 )
 CHANGE_KINDS = ("added", "changed", "deactivated")
 BACKENDS = ("redis", "postgres")
+# Route templates with their method, and the statuses that dashboards and alerts
+# select (success, 429, 5xx), created at zero so the first 429 or 503 of a process
+# shows in rate(). Other statuses appear on first use. A test keeps the routes equal
+# to the ones the app registers.
+_ADMIN_FAILURES = ("500", "503")
+HTTP_ROUTES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("/admin/pricing/scheduler/trigger", "POST"): ("200", "202", "429", *_ADMIN_FAILURES),
+    ("/admin/pricing/sync/runs/{run_id}", "GET"): ("200", *_ADMIN_FAILURES),
+    ("/admin/pricing/sync/runs", "GET"): ("200", *_ADMIN_FAILURES),
+    ("/admin/pricing/scheduler/status", "GET"): ("200", *_ADMIN_FAILURES),
+    ("/admin/pricing/sync/lock", "DELETE"): ("200", *_ADMIN_FAILURES),
+    ("/healthz", "GET"): ("200",),
+    ("/readyz", "GET"): ("200", "503"),
+    ("/openapi.json", "GET"): ("200",),
+    ("/metrics", "GET"): ("200",),
+}
 
 LOCK_ACQUISITIONS = Counter(
     "synclock_lock_acquisitions_total",
@@ -121,3 +137,7 @@ for _backend in BACKENDS:
     BACKEND_UP.labels(backend=_backend)
 for _trigger in ("manual", "scheduled"):
     TRIGGERS_REJECTED.labels(trigger=_trigger)
+for (_route, _method), _statuses in HTTP_ROUTES.items():
+    HTTP_DURATION.labels(route=_route, method=_method)
+    for _status in _statuses:
+        HTTP_REQUESTS.labels(route=_route, method=_method, status=_status)

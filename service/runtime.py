@@ -62,6 +62,7 @@ class Runtime:
         try:
             await self.redis.ping()
         except Exception as exc:
+            metrics.BACKEND_ERRORS.labels(backend="redis").inc()
             raise BackendUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
 
     async def _check(self, name: str, call: Any) -> tuple[str, str | None]:
@@ -81,6 +82,14 @@ class Runtime:
             (log.info if up else log.warning)("backend_state", backend=name, up=up)
             self._up[name] = up
         return name, error
+
+
+async def close_redis(client: aioredis.Redis) -> None:
+    """Close a client, and for Sentinel also the connections to the Sentinels."""
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    await client.aclose()
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
 
 
 def connect_redis(url: str, timeout_s: float) -> aioredis.Redis:
@@ -142,7 +151,7 @@ async def open_runtime(settings: Settings, *, migrate: bool = True) -> AsyncIter
             client = _embedded_redis()
         else:
             client = connect_redis(redis_url, settings.redis_timeout_s)
-        stack.push_async_callback(client.aclose)
+        stack.push_async_callback(close_redis, client)
         log.info(
             "backends",
             redis=redact_url(redis_url) if redis_url else "in-process (fakeredis)",

@@ -26,7 +26,7 @@ import pytest
 from service.errors import FencedOut
 from service.lock import Holder, Lease, LeaseLock
 from service.redis_urls import parse
-from service.runtime import connect_redis
+from service.runtime import close_redis, connect_redis
 from service.store import Store
 
 REDIS = shutil.which("redis-server")
@@ -183,7 +183,7 @@ async def test_lock_scripts_run_on_a_three_primary_cluster(cluster_url: str) -> 
         lease = await lock.try_acquire("after-flush", 5_000, owner="t")
         assert isinstance(lease, Lease) and await lock.release(lease)
     finally:
-        await client.aclose()
+        await close_redis(client)
 
 
 async def test_service_syncs_through_a_cluster(
@@ -266,4 +266,4 @@ async def test_sentinel_failover_that_lost_the_fence_never_reuses_one(
                 records=[],
             )
     finally:
-        await client.aclose()
+        await close_redis(client)

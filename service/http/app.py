@@ -72,9 +72,12 @@ async def _reap_forever(app: web.Application) -> None:
     while True:
         await asyncio.sleep(period_s)
         try:
+            await runtime.readiness()  # keeps synclock_backend_up current without probes
             await runtime.job.reap()
         except BackendUnavailable as exc:
             log.debug("reaper_waiting", backend=exc.backend)
+        except Exception:
+            log.exception("reaper_error")  # the loop itself must survive
 
 
 async def _drain(app: web.Application) -> None:
