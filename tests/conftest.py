@@ -9,9 +9,10 @@ turns the skip into a failure.
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -155,6 +156,15 @@ async def make_client(
         cleaner = connect_redis(REDIS_URL, 2.0)
         await _drop_prefix(cleaner, make_settings().redis_prefix)
         await cleaner.aclose()
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Everything the service logs during the test, as JSON lines."""
+    stream = io.StringIO()
+    previous = logs.redirect(stream)
+    yield stream
+    logs.redirect(previous)
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from service import logs
 from service.config import Settings, redact_url
 from service.errors import ConfigError
 from service.http.keys import RUNTIME
@@ -19,15 +17,6 @@ from tests.conftest import ADMIN_TOKEN
 from tests.upstream import Upstream
 
 TRIGGER = "/admin/pricing/scheduler/trigger"
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Everything the service logs during the test, as JSON lines."""
-    stream = io.StringIO()
-    previous = logs.redirect(stream)
-    yield stream
-    logs.redirect(previous)
 
 
 async def raw_request(client: Any, head: bytes) -> bytes:

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from service import logs, metrics
+from service import metrics
 from service.errors import BackendUnavailable
 from service.http.keys import RUNTIME
 from service.lock import Holder, Lease, LeaseLock, LockState
@@ -450,15 +450,6 @@ async def redis_outage() -> AsyncIterator[RedisOutage]:
     if server.process is not None:
         server.process.send_signal(signal.SIGCONT)  # a stopped server still dies below
     server.stop()
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Everything the service logs during the test, as JSON lines."""
-    stream = io.StringIO()
-    previous = logs.redirect(stream)
-    yield stream
-    logs.redirect(previous)
 
 
 async def gated_client(
