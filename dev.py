@@ -4,6 +4,7 @@
     python3 dev.py run     # the service on its embedded default (no Redis/Postgres needed)
     python3 dev.py test    # lint, type-check and the whole test suite
     python3 dev.py bench   # the benchmark (needs wrk, Redis and Postgres)
+    python3 dev.py soak    # faults for --duration seconds (needs redis-server)
 
 Each command creates ``.venv`` on first use and reinstalls when pyproject.toml changes.
 Extra arguments go to the underlying command (``synclock serve`` or ``pytest``).
@@ -97,13 +98,18 @@ def test(argv: list[str]) -> int:
     return 0
 
 
+def soak(argv: list[str]) -> int:
+    ensure_venv("dev")
+    return subprocess.call([str(PYTHON), str(ROOT / "scripts" / "soak.py"), *argv], cwd=ROOT)
+
+
 def bench(argv: list[str]) -> int:
     ensure_venv("dev")
     return subprocess.call([str(PYTHON), str(ROOT / "scripts" / "bench.py"), *argv], cwd=ROOT)
 
 
 def main() -> int:
-    commands = {"run": run, "test": test, "bench": bench}
+    commands = {"run": run, "test": test, "bench": bench, "soak": soak}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(__doc__)
         return 2

@@ -143,6 +143,10 @@ _POSTGRES = ("postgres", "postgresql")
 def _url(variable: str, value: str, schemes: tuple[str, ...]) -> str | None:
     if not value:
         return None
+    if value.partition("://")[0] not in schemes:
+        raise ConfigError(
+            variable, redact_url(value), f"must start with one of {', '.join(schemes)}://"
+        )
     if value.startswith(("redis+sentinel://", "redis+cluster://")):
         try:
             redis_urls.parse(value)
@@ -163,13 +167,17 @@ def _url(variable: str, value: str, schemes: tuple[str, ...]) -> str | None:
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe for logs and error messages:
     the user-info password and secret-looking query parameters alike."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # Split at the last "@" as the Redis URL parser does: a password may hold
+        # "/", "#" or "?", which would hide it from urlsplit.
+        userinfo, _, hosts = rest.rpartition("@")
+        if ":" in userinfo:
+            url = f"{scheme}://{userinfo.partition(':')[0]}:***@{hosts}"
     try:
         parts = urlsplit(url)
-        password = parts.password
     except ValueError:
         return "<unparsable URL>"
-    if password is not None:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1))
     if parts.query:
         query = [
             (key, "***" if _SECRET_PARAM.search(key) else value)

@@ -3,13 +3,16 @@
 They talk to a running service, so they need its URL and an admin token, from
 flags or from ``SYNCLOCK_URL`` / ``SYNCLOCK_TOKEN``. Exit codes are stable for
 scripts: 0 ok, 1 the run did not succeed, 2 usage, 3 a sync is already running,
-4 service or backend unavailable, 5 token refused.
+4 service or backend unavailable, 5 token refused, 6 an answer the client cannot
+read (not synclock's API, a redirect, a 5xx other than 503).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -23,8 +26,26 @@ EXIT_USAGE = 2
 EXIT_LOCK_HELD = 3
 EXIT_UNAVAILABLE = 4
 EXIT_UNAUTHORIZED = 5
+EXIT_UNEXPECTED = 6
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would carry the admin token to another host."""
+
+    def redirect_request(self, *_: Any, **__: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0 or value > 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 to 86400)")
+    return value
 
 
 class Answer:
@@ -39,10 +60,10 @@ def add_arguments(commands: Any) -> None:
     common.add_argument("--url", default=os.environ.get("SYNCLOCK_URL", DEFAULT_URL))
     common.add_argument("--token", default=os.environ.get("SYNCLOCK_TOKEN", ""))
     common.add_argument("--json", action="store_true", help="print the API's JSON")
-    common.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    common.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
     commands.add_parser("status", parents=[common], help="lock holder, running run, schedule")
     trigger = commands.add_parser("trigger", parents=[common], help="start a sync")
-    trigger.add_argument("--wait", type=float, default=0.0, metavar="S")
+    trigger.add_argument("--wait", type=_seconds, default=0.0, metavar="S")
     runs = commands.add_parser("runs", parents=[common], help="recent runs, newest first")
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--status", default="")
@@ -58,7 +79,7 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+        with _OPENER.open(request, timeout=args.timeout or None) as response:
             return Answer(response.status, json.loads(response.read() or b"null"))
     except urllib.error.HTTPError as error:
         try:
@@ -72,6 +93,15 @@ def run(args: argparse.Namespace) -> int:
         print("synclock: no token: pass --token or set SYNCLOCK_TOKEN", file=sys.stderr)
         return EXIT_USAGE
     try:
+        parts = urllib.parse.urlsplit(args.url)
+        parts.port  # noqa: B018 - parses the port, raising on nonsense
+    except ValueError as exc:
+        print(f"synclock: --url {args.url!r} is not a URL: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        print(f"synclock: --url {args.url!r} must be http(s)://host[:port]", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         if args.command == "status":
             return _status(args)
         if args.command == "trigger":
@@ -83,18 +113,27 @@ def run(args: argparse.Namespace) -> int:
         reason = getattr(exc, "reason", exc)
         print(f"synclock: cannot reach {args.url}: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except (ValueError, KeyError, TypeError, AttributeError, http.client.HTTPException) as exc:
+        # Not the answer synclock's API gives: say so instead of a traceback.
+        print(f"synclock: unexpected answer from {args.url}: {exc!r}"[:300], file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 def _refused(answer: Answer) -> int | None:
     """The exit code for an error answer, after saying what it was."""
-    if answer.status < 400:
+    if 200 <= answer.status < 300 and isinstance(answer.body, dict):
         return None
+    if answer.status < 400:
+        print(f"synclock: unexpected HTTP {answer.status}", file=sys.stderr)
+        return EXIT_UNEXPECTED
     detail = answer.body.get("detail") if isinstance(answer.body, dict) else ""
     print(f"synclock: HTTP {answer.status}: {detail}", file=sys.stderr)
     if answer.status == 401:
         return EXIT_UNAUTHORIZED
     if answer.status == 503:
         return EXIT_UNAVAILABLE
+    if answer.status < 300 or answer.status >= 500:
+        return EXIT_UNEXPECTED
     return EXIT_USAGE
 
 
@@ -124,9 +163,9 @@ def _status(args: argparse.Namespace) -> int:
 def _trigger(args: argparse.Namespace) -> int:
     path = "/admin/pricing/scheduler/trigger"
     if args.wait > 0:
-        path += f"?wait={args.wait:g}"
+        path += "?wait=" + f"{args.wait:.3f}".rstrip("0").rstrip(".")
     answer = call(args, "POST", path)
-    if answer.status == 429:
+    if answer.status == 429 and isinstance(answer.body, dict):
         holder = answer.body["holder"]
         _emit(
             args,

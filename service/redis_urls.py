@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -16,6 +17,7 @@ SINGLE = ("redis", "rediss", "unix")
 SENTINEL = "redis+sentinel"
 CLUSTER = "redis+cluster"
 SCHEMES = (*SINGLE, SENTINEL, CLUSTER)
+_HOST = re.compile(r"[A-Za-z0-9._:-]{1,253}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +43,27 @@ def parse(url: str) -> Topology:
     if not nodes:
         raise ValueError("needs at least one host:port")
     if scheme == CLUSTER:
+        if path.strip("/"):
+            raise ValueError("a cluster URL takes no path: redis+cluster://h:p,h:p")
         return Topology("cluster", nodes, password, "", 0)
     service, _, db = path.partition("/")
     if not service:
         raise ValueError("needs the Sentinel service name: redis+sentinel://h:p/service/0")
     if (db and not db.isascii()) or (db and not db.isdigit()):
         raise ValueError(f"database ({db!r}) must be a number")
+    if int(db or 0) > 1_000_000:
+        raise ValueError(f"database ({db}) is out of range")
     return Topology("sentinel", nodes, password, unquote(service), int(db or 0))
 
 
 def _node(item: str) -> tuple[str, int]:
     host, sep, port = item.rpartition(":")
-    if not sep or not host or not port.isascii() or not port.isdigit():
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 literal
+    elif ":" in host:
+        raise ValueError(f"node ({item!r}) must be host:port")
+    if not sep or not _HOST.fullmatch(host) or not port.isascii() or not port.isdigit():
         raise ValueError(f"node ({item!r}) must be host:port")
     if not 0 < int(port) < 65536:
         raise ValueError(f"port ({port}) is out of range")
-    return host.strip("[]"), int(port)
+    return host, int(port)

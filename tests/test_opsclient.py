@@ -75,3 +75,52 @@ def test_wrong_token_and_unreachable_service_have_their_own_codes(
     assert refused.returncode == 5 and "HTTP 401" in refused.stderr
     assert unreachable.returncode == 4 and "cannot reach" in unreachable.stderr
     assert missing.returncode == 2 and "no token" in missing.stderr
+
+
+def test_redirects_are_not_followed_and_odd_answers_are_not_tracebacks(tmp_path: Path) -> None:
+    """A redirect would carry the token elsewhere; junk answers get exit 6."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Odd(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(f"{self.path} {self.headers.get('Authorization')}")
+            if self.path.startswith("/steal"):
+                self.send_response(200)
+                self.end_headers()
+                return
+            if "runs" in self.path:
+                body, status = b"<html>not json</html>", 200
+            else:
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/steal")
+                self.end_headers()
+                return
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        redirected = synclock(url, "status")
+        junk = synclock(url, "runs")
+        bad_wait = synclock(url, "trigger", "--wait", "nan")
+        bad_url = synclock("http://[::1", "status")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert redirected.returncode == 6 and "Traceback" not in redirected.stderr
+    assert not any(line.startswith("/steal") for line in seen)  # the token never followed
+    assert junk.returncode == 6 and "unexpected answer" in junk.stderr
+    assert bad_wait.returncode == 2 and "not a number of seconds" in bad_wait.stderr
+    assert bad_url.returncode == 2 and "Traceback" not in bad_url.stderr

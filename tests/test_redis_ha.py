@@ -159,7 +159,17 @@ def test_ha_urls_parse() -> None:
         "pw",
     )
     assert cluster.nodes == (("h1", 7000), ("h2", 7001))
-    for bad in ("redis+cluster://", "redis+sentinel://h:1", "redis+cluster://h:x"):
+    for bad in (
+        "redis+cluster://",
+        "redis+sentinel://h:1",
+        "redis+cluster://h:x",
+        "redis+cluster://h:1:2",
+        "redis+cluster://h:1 h:2",
+        "redis+cluster://h:1/garbage",
+        "redis+cluster://%00:1",
+        "redis+sentinel://[::1/svc",
+        "redis+sentinel://h:1/s/99999999999999999999999",
+    ):
         with pytest.raises(ValueError):
             parse(bad)
 
