@@ -20,6 +20,13 @@ from pathlib import Path
 import pytest
 
 
+def missing(what: str) -> None:
+    """Skip with the reason; under SYNCLOCK_REQUIRE_BACKENDS=1 (CI) fail instead."""
+    if os.environ.get("SYNCLOCK_REQUIRE_BACKENDS", "") == "1":
+        pytest.fail(f"{what} (SYNCLOCK_REQUIRE_BACKENDS=1)")
+    pytest.skip(what)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -48,7 +55,7 @@ class ThrowawayRedis:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("redis-server is not installed")
+            missing("redis-server is not installed")
         self.binary = binary
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -89,7 +96,7 @@ class ThrowawayPostgres:
         try:
             from pgserver._commands import POSTGRES_BIN_PATH
         except ImportError:
-            pytest.skip("pgserver (the dev extra) is not installed")
+            missing("pgserver (the dev extra) is not installed")
         self.bin = Path(POSTGRES_BIN_PATH)
         # Not under pytest's tmp_path: that is private to root, and postgres runs
         # as another user who must be able to reach its folder.

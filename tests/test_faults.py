@@ -177,7 +177,8 @@ async def test_storm_1000_triggers_over_3_replicas_one_run(
     assert errors == []
     statuses = Counter(status for status, _, _ in answers)  # type: ignore[misc]
     assert statuses == {202: 1, 429: 999}
-    run_id = next(body["run_id"] for status, _, body in answers if status == 202)  # type: ignore[misc]
+    started = [body for status, _, body in answers if status == 202]  # type: ignore[misc]
+    run_id = started[0]["run_id"]
     for status, headers, body in answers:  # type: ignore[misc]
         if status == 429:
             assert int(headers["Retry-After"]) >= 1

@@ -356,7 +356,8 @@ def test_dashboard_is_provisionable_and_uses_its_variables() -> None:
 
 
 async def test_runbooks_name_only_real_routes_metrics_and_log_events(exposition: str) -> None:
-    registered = {re.sub(r"\{[^}]*\}", "{}", route.path) for route in routes}  # type: ignore[attr-defined]
+    paths: list[str] = [route.path for route in routes]  # type: ignore[attr-defined]
+    registered = {re.sub(r"\{[^}]*\}", "{}", path) for path in paths}
     names = set(exported(exposition)) | recorded()
     code = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
     wrong = []

@@ -28,12 +28,16 @@ from service.lock import Holder, Lease, LeaseLock
 from service.redis_urls import parse
 from service.runtime import close_redis, connect_redis
 from service.store import Store
+from tests.servers import missing
 
 REDIS = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
-pytestmark = pytest.mark.skipif(
-    REDIS is None or REDIS_CLI is None, reason="redis-server and redis-cli are needed"
-)
+
+
+@pytest.fixture(autouse=True)
+def _binaries() -> None:
+    if REDIS is None or REDIS_CLI is None:
+        missing("redis-server and redis-cli are needed")
 
 
 def port_pair() -> int:
