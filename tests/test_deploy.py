@@ -39,10 +39,9 @@ import yaml
 from service.config import Settings, parse_duration_s
 from tests import deployfiles as df
 from tests import native_compose as nc
-from tests.conftest import REQUIRE
 from tests.deploy_schemas import CUSTOM_RESOURCE_SCHEMAS, compose_schema
 from tests.replicas import GatedUpstream, priced
-from tests.servers import ThrowawayPostgres
+from tests.servers import ThrowawayPostgres, missing
 
 MIN_KUBERNETES = "1.29.0"
 IMAGE_COMMAND = ["synclock", "serve", "--host", "0.0.0.0", "--port", "8080"]
@@ -55,18 +54,14 @@ def need(module: str, package: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         message = f"{package} is not installed (pip install -e '.[dev]')"
-        if REQUIRE:
-            pytest.fail(message + " (SYNCLOCK_REQUIRE_BACKENDS=1)")
-        pytest.skip(message)
+        missing(message)
 
 
 def need_binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         message = f"{name} is not installed"
-        if REQUIRE:
-            pytest.fail(message + " (SYNCLOCK_REQUIRE_BACKENDS=1)")
-        pytest.skip(message)
+        missing(message)
     return found
 
 

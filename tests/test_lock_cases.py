@@ -30,7 +30,7 @@ from service.http.keys import RUNTIME
 from service.lock import Holder, Lease, LeaseLock, LockState
 from service.runtime import Runtime
 from tests.conftest import MAX_TTL_MS
-from tests.servers import ThrowawayRedis
+from tests.servers import ThrowawayRedis, missing
 from tests.upstream import Upstream
 
 TRIGGER = "/admin/pricing/scheduler/trigger"
@@ -662,7 +662,7 @@ async def slow_postgres(database_url: str) -> AsyncIterator[tuple[LoopbackProxy,
     """The test Postgres behind a LoopbackProxy, and the URL that goes through it."""
     parts = urlsplit(database_url)
     if parts.hostname != "127.0.0.1":
-        pytest.skip("the slow-Postgres proxy only forwards to 127.0.0.1")
+        missing("the slow-Postgres proxy only forwards to 127.0.0.1")
     proxy = LoopbackProxy(parts.port or 5432)
     await proxy.start()
     user = parts.netloc.rpartition("@")[0]

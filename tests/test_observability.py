@@ -40,9 +40,9 @@ from service.http.keys import RUNTIME
 from service.http.routes import routes
 from service.records import NewRun, PriceCounts, RunOutcome, RunStatus, Trigger
 from service.store import Store
-from tests.conftest import ADMIN_TOKEN, REQUIRE
+from tests.conftest import ADMIN_TOKEN
 from tests.replicas import GatedUpstream, Replica
-from tests.servers import free_port
+from tests.servers import free_port, missing
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -65,9 +65,7 @@ def tool(name: str) -> str:
     if path:
         return path
     message = f"{name} is not installed (Debian package 'prometheus')"
-    if REQUIRE:
-        pytest.fail(message + " (SYNCLOCK_REQUIRE_BACKENDS=1)")
-    pytest.skip(message)
+    missing(message)
 
 
 def run_tool(*args: str, stdin: str | None = None) -> str:
