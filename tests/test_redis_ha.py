@@ -149,7 +149,12 @@ def cluster_url(processes: Processes) -> str:
         "0",
         "--cluster-yes",
     )
-    wait_for(lambda: "cluster_state:ok" in cli(ports[0], "CLUSTER", "INFO"), 20, "cluster ok")
+    # Every node must agree, or the first command may land on one that says CLUSTERDOWN.
+    wait_for(
+        lambda: all("cluster_state:ok" in cli(p, "CLUSTER", "INFO") for p in ports),
+        20,
+        "cluster ok on every node",
+    )
     return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
 
 
