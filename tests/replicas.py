@@ -111,6 +111,7 @@ class GatedUpstream:
         self.gate = threading.Event()
         self.delay_s = 0.0  # every answer waits this long (a slow upstream)
         self.requests = 0
+        self.history: list[str] = []  # "arrived"/"answered" with monotonic times, for failures
         self.arrived = threading.Event()
         self._lock = threading.Lock()
         upstream = self
@@ -122,9 +123,11 @@ class GatedUpstream:
                     mode = upstream.modes.pop(0) if upstream.modes else upstream.default
                     body = upstream.payloads.pop(0) if upstream.payloads else upstream.payload
                 upstream.arrived.set()
+                upstream.history.append(f"{time.monotonic():.3f} arrived ({mode})")
                 if mode == "gate":
                     upstream.gate.wait(60)
                 time.sleep(upstream.delay_s)
+                upstream.history.append(f"{time.monotonic():.3f} answering")
                 status = 500 if mode == "500" else 200
                 data = json.dumps(body).encode()
                 try:

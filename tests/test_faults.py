@@ -111,7 +111,15 @@ class Cluster:
             if run is not None and run["status"] not in pending:
                 return run
             await asyncio.sleep(0.1)
-        raise AssertionError(f"run {run_id} still running after {timeout_s}s")
+        raise AssertionError(f"run {run_id} still {pending} after {timeout_s}s\n{self.story()}")
+
+    def story(self, lines: int = 40) -> str:
+        """Each replica's last events other than request lines: what a failure needs."""
+        parts = []
+        for replica in self.replicas:
+            kept = [ln for ln in replica.output().splitlines() if '"event": "request"' not in ln]
+            parts.append(f"--- {replica.name}\n" + "\n".join(kept[-lines:]))
+        return "\n".join(parts)
 
     async def lock_keys(self) -> list[bytes]:
         client = connect_redis(self.redis.url, 1.0)
@@ -172,6 +180,7 @@ async def test_storm_1000_triggers_over_3_replicas_one_run(
         return_exceptions=True,
     )
     upstream_t.gate.set()
+    opened = time.monotonic()
 
     errors = [a for a in answers if isinstance(a, BaseException)]
     assert errors == []
@@ -183,7 +192,11 @@ async def test_storm_1000_triggers_over_3_replicas_one_run(
         if status == 429:
             assert int(headers["Retry-After"]) >= 1
             assert body["running_run_id"] == run_id
-    assert (await cluster.settled(run_id))["status"] == "succeeded"
+    try:
+        run = await cluster.settled(run_id)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ngate opened {opened:.3f}; {upstream_t.history}") from None
+    assert run["status"] == "succeeded"
     assert len(await cluster.rows("SELECT id FROM sync_runs")) == 1
 
 
