@@ -99,6 +99,11 @@ LAST_SUCCESS = Gauge(
     "synclock_last_success_timestamp_seconds",
     "Unix time the last successful sync finished (restored from Postgres at start).",
 )
+SYNC_INTERVAL = Gauge(
+    "synclock_sync_interval_seconds",
+    "Configured time between scheduled syncs (SYNCLOCK_SYNC_INTERVAL); the stale-sync"
+    " alerts are relative to it.",
+)
 HTTP_REQUESTS = Counter(
     "synclock_http_requests_total",
     "HTTP requests answered, by route template, method and status.",

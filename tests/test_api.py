@@ -383,3 +383,9 @@ async def test_last_success_is_restored_from_postgres_at_start(
 
     finished = datetime.fromisoformat(run["finished_at"]).timestamp()
     assert metrics.LAST_SUCCESS._value.get() == pytest.approx(finished, abs=0.001)
+
+
+async def test_metrics_export_the_configured_sync_interval(make_client: Any) -> None:
+    client = await make_client(SYNCLOCK_SYNC_INTERVAL="90m")
+    exposition = await (await client.get("/metrics")).text()
+    assert "\nsynclock_sync_interval_seconds 5400.0\n" in exposition

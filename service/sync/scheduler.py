@@ -32,6 +32,7 @@ class Scheduler:
         self.job = job
         self.interval_s = interval_s
         self.enabled = enabled
+        metrics.SYNC_INTERVAL.set(interval_s)
         self.next_run_at: datetime | None = None
         self._started = datetime.now(UTC)
         self._jitter_s = self._new_jitter_s()
