@@ -4,7 +4,7 @@
 
 The Prometheus Operator's PrometheusRule carries the same groups as the plain rule
 files that docker-compose.yml mounts; this keeps the two from drifting apart.
-tests/test_deploy.py fails when they differ and names this command.
+tests/test_deploy_schemas.py fails when they differ and names this command.
 """
 
 from __future__ import annotations
