@@ -75,6 +75,10 @@ LOCK_HELD = Gauge(
     "synclock_lock_held",
     "1 while this instance holds the sync lease.",
 )
+LOCK_HELD_SINCE = Gauge(
+    "synclock_lock_held_since_timestamp_seconds",
+    "Unix time this instance was granted the lease it holds now; 0 while it holds none.",
+)
 FENCE_TOKEN = Gauge(
     "synclock_fence_token",
     "Fencing token of the latest lease this instance was granted.",

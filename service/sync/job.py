@@ -202,6 +202,7 @@ class SyncJob:
 
     def _launch(self, run: NewRun, lease: Lease) -> None:
         metrics.LOCK_HELD.set(1)
+        metrics.LOCK_HELD_SINCE.set(time.time())
         metrics.FENCE_TOKEN.set(lease.fence)
         lost = asyncio.Event()
         # A fresh context: the run must not carry the triggering request's id
@@ -277,6 +278,7 @@ class SyncJob:
                     outcome.sources,
                 )
         metrics.LOCK_HELD.set(0)
+        metrics.LOCK_HELD_SINCE.set(0)
         metrics.LOCK_HOLD.observe(time.monotonic() - started)
         await self._record(run, outcome, time.monotonic() - started)
         return outcome
