@@ -138,7 +138,14 @@ def _refused(answer: Answer) -> int | None:
 
 
 def _emit(args: argparse.Namespace, body: Any, text: str) -> None:
-    print(json.dumps(body, indent=2) if args.json else text)
+    try:
+        print(json.dumps(body, indent=2) if args.json else text, flush=True)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`). That is not the service being
+        # unreachable: the rest of the output goes nowhere, the exit code stands.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _status(args: argparse.Namespace) -> int:

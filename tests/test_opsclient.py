@@ -124,3 +124,28 @@ def test_redirects_are_not_followed_and_odd_answers_are_not_tracebacks(tmp_path:
     assert junk.returncode == 6 and "unexpected answer" in junk.stderr
     assert bad_wait.returncode == 2 and "not a number of seconds" in bad_wait.stderr
     assert bad_url.returncode == 2 and "Traceback" not in bad_url.stderr
+
+
+def test_a_reader_that_stops_early_is_not_an_unreachable_service(
+    served: tuple[Replica, GatedUpstream],
+) -> None:
+    replica, upstream = served
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SYNCLOCK_")}
+    environment.update({"SYNCLOCK_URL": replica.url, "SYNCLOCK_TOKEN": ADMIN_TOKEN})
+    outcomes = []
+    for command in (["trigger"], ["trigger"], ["status", "--json"], ["runs", "--json"]):
+        # As in `synclock runs --json | head -1`: the reader is gone before we write.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", *command],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        process.stdout.close()
+        _, errors = process.communicate(timeout=60)
+        outcomes.append((command[0], process.returncode, errors.decode()))
+    upstream.gate.set()
+
+    # The exit codes are the commands' own: started, already running (3), read.
+    assert outcomes == [("trigger", 0, ""), ("trigger", 3, ""), ("status", 0, ""), ("runs", 0, "")]
