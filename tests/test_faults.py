@@ -349,6 +349,8 @@ async def test_sigterm_interrupts_a_long_sync_and_releases_its_lease(
     assert took < 2.0 + 3.0  # the grace period, plus start-up of the cleanup
     assert record["status"] == "interrupted"
     assert await cluster.lock_keys() == []
+    [stopping] = a.events("shutting_down")
+    assert stopping["running_run_id"] == str(record["id"]) and len(a.events("stopped")) == 1
 
 
 async def test_client_gone_during_wait_keeps_the_run(

@@ -46,6 +46,7 @@ def _runtime_ctx(settings: Settings):  # type: ignore[no-untyped-def]
                 sources=[s.name for s in settings.sources],
             )
             yield
+        log.info("stopped", instance=settings.instance)
 
     return ctx
 
@@ -85,6 +86,11 @@ async def _drain(app: web.Application) -> None:
     within the grace period (else it is recorded as interrupted)."""
     runtime = app[RUNTIME]
     runtime.ready = False
+    log.info(
+        "shutting_down",
+        running_run_id=runtime.job.running_locally(),
+        grace_s=runtime.settings.shutdown_timeout_s,
+    )
     for task in app.get(BACKGROUND, []):
         task.cancel()
     await runtime.job.close(runtime.settings.shutdown_timeout_s)

@@ -434,7 +434,8 @@ class SyncJob:
 
     async def force_release(self, reason: str, by: str) -> Holder | None:
         holder = await self.lock.force_release(self.lock_name)
-        metrics.FORCED_RELEASES.inc()
+        if holder is not None:  # a call that finds the lock free deletes nothing
+            metrics.FORCED_RELEASES.inc()
         active = self._active
         if holder is not None and active is not None and holder.run_id == active.run.id:
             active.lose()  # our own run: stop it now rather than at its next renewal
