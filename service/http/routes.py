@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -66,7 +65,7 @@ async def trigger(request: web.Request) -> web.Response:
     except SyncRunning as exc:
         metrics.TRIGGERS_REJECTED.labels(trigger="manual").inc()
         holder = exc.holder
-        retry_after_s = max(1, math.ceil(holder.remaining_ms / 1000))
+        retry_after_s = job.retry_after_s(holder)
         raise Problem(
             429,
             "sync-running",

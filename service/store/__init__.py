@@ -70,6 +70,10 @@ class Store:
         async with self.db.connection() as conn:
             return await runs.running(conn, lock_name)
 
+    async def typical_duration(self, lock_name: str, recent: int = 20) -> float | None:
+        async with self.db.connection() as conn:
+            return await runs.typical_duration(conn, lock_name, recent)
+
     async def last_finished(
         self, lock_name: str, status: RunStatus | None = None
     ) -> datetime | None:

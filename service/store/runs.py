@@ -101,6 +101,18 @@ async def running(conn: asyncpg.Connection, lock_name: str) -> list[str]:
     return [str(row["id"]) for row in rows]
 
 
+async def typical_duration(conn: asyncpg.Connection, lock_name: str, recent: int) -> float | None:
+    """The median duration of the ``recent`` newest succeeded runs, if any."""
+    value = await conn.fetchval(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s) FROM ("
+        " SELECT duration_s FROM sync_runs WHERE lock_name = $1 AND status = 'succeeded'"
+        " AND duration_s IS NOT NULL ORDER BY started_at DESC LIMIT $2) AS newest",
+        lock_name,
+        recent,
+    )
+    return float(value) if value is not None else None
+
+
 async def last_finished(
     conn: asyncpg.Connection, lock_name: str, *, status: RunStatus | None
 ) -> datetime | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -96,6 +97,7 @@ class SyncJob:
         self._unrecorded: dict[str, RunOutcome] = {}
         self._closing = False
         self._attempt: asyncio.Future[Started | Holder] | None = None
+        self._typical_s: float | None = None  # median of recent successes' durations
 
     async def start(self) -> None:
         """Load the fence floor and the last success; close runs whose lease is gone."""
@@ -427,6 +429,15 @@ class SyncJob:
     async def lock_state(self) -> LockState:
         return await self.lock.state(self.lock_name)
 
+    def retry_after_s(self, holder: Holder) -> int:
+        """How long a refused caller should wait: about one typical run (the median
+        of the last 20 successes), never longer than the lease has left, at least 1 s.
+        A lease of 30 s says when the lock is free at the latest, not when it will be."""
+        wait_s = math.ceil(holder.remaining_ms / 1000)
+        if self._typical_s is not None:
+            wait_s = min(wait_s, math.ceil(self._typical_s))
+        return max(1, wait_s)
+
     def running_locally(self) -> str | None:
         return self._active.run.id if self._active else None
 
@@ -455,6 +466,7 @@ class SyncJob:
         for run_id, outcome in list(self._unrecorded.items()):
             await self.store.finish_run(run_id, outcome)
             self._unrecorded.pop(run_id, None)
+        self._typical_s = await self.store.typical_duration(self.lock_name)
         running = await self.store.running_runs(self.lock_name)
         if not running:
             return 0
