@@ -8,7 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.lock import LeaseLock
@@ -131,3 +131,16 @@ async def test_scheduler_keeps_going_after_backend_errors(monkeypatch: Any) -> N
         await loop
     assert job.triggers >= 3  # a failed trigger and a failed wait did not end the loop
     assert job.waits >= 2
+
+
+async def test_status_shows_the_next_run_moved_by_a_manual_success(
+    make_client: Any, auth: dict[str, str]
+) -> None:
+    client = await make_client(SYNCLOCK_SCHEDULER="on", SYNCLOCK_SYNC_INTERVAL="1h")
+    run = await (await client.post("/admin/pricing/scheduler/trigger?wait=30", headers=auth)).json()
+    status = await (await client.get("/admin/pricing/scheduler/status", headers=auth)).json()
+
+    finished = datetime.fromisoformat(run["finished_at"])
+    next_run = datetime.fromisoformat(status["scheduler"]["next_run_at"])
+    # One interval after this success, plus up to 10 % jitter (at most 5 minutes).
+    assert timedelta(hours=1) <= next_run - finished <= timedelta(hours=1, minutes=5)

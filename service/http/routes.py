@@ -145,7 +145,7 @@ async def scheduler_status(request: web.Request) -> web.Response:
         record = await job.get_run(state.holder.run_id)
         running = record.to_json() if record else None
     last_success = await job.last_success()
-    next_at = scheduler.next_run_at if scheduler.enabled else None
+    next_at = await scheduler.due_at() if scheduler.enabled else None  # live: moves at once
     return _json(
         {
             "instance": runtime.settings.instance,
