@@ -19,6 +19,8 @@ EXIT_CONFIG = 2
 EXIT_LOCK_HELD = 3
 EXIT_UNAVAILABLE = 4
 
+CONNECTION_DRAIN_S = 5.0
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synclock", description=__doc__)
@@ -79,7 +81,9 @@ def _serve(settings: Settings, host: str, port: int) -> int:
         create_app(settings, tokens),
         host=host,
         port=port,
-        shutdown_timeout=settings.shutdown_timeout_s,
+        # After the running sync has had its grace period (on_shutdown), requests
+        # still open get this much more: a slow client cannot double the stop time.
+        shutdown_timeout=min(CONNECTION_DRAIN_S, settings.shutdown_timeout_s),
         print=lambda line: print(line, file=sys.stderr, flush=True),
         access_log=None,
     )

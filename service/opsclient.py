@@ -4,7 +4,8 @@ They talk to a running service, so they need its URL and an admin token, from
 flags or from ``SYNCLOCK_URL`` / ``SYNCLOCK_TOKEN``. Exit codes are stable for
 scripts: 0 ok, 1 the run did not succeed, 2 usage, 3 a sync is already running,
 4 service or backend unavailable, 5 token refused, 6 an answer the client cannot
-read (not synclock's API, a redirect, a 5xx other than 503).
+read (not synclock's API, a redirect, a 5xx other than 503), 7 ``trigger --wait``
+returned while the run was still going.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ EXIT_LOCK_HELD = 3
 EXIT_UNAVAILABLE = 4
 EXIT_UNAUTHORIZED = 5
 EXIT_UNEXPECTED = 6
+EXIT_STILL_RUNNING = 7
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+PROBLEM_PREFIX = "urn:synclock:problem:"
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -48,6 +51,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0: a request never waits forever")
+    return value
+
+
 class Answer:
     def __init__(self, status: int, body: Any) -> None:
         self.status = status
@@ -57,10 +67,15 @@ class Answer:
 def add_arguments(commands: Any) -> None:
     """Register status, trigger, runs and release on the CLI's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("SYNCLOCK_URL", DEFAULT_URL))
+    common.add_argument("--url", default=os.environ.get("SYNCLOCK_URL") or DEFAULT_URL)
     common.add_argument("--token", default=os.environ.get("SYNCLOCK_TOKEN", ""))
     common.add_argument("--json", action="store_true", help="print the API's JSON")
-    common.add_argument("--timeout", type=_seconds, default=10.0, help="seconds per request")
+    common.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=10.0,
+        help="seconds to wait for the service at each step (trigger --wait adds its S)",
+    )
     commands.add_parser("status", parents=[common], help="lock holder, running run, schedule")
     trigger = commands.add_parser("trigger", parents=[common], help="start a sync")
     trigger.add_argument("--wait", type=_seconds, default=0.0, metavar="S")
@@ -78,8 +93,10 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     request.add_header("X-Requested-By", "synclock-cli")
     if data is not None:
         request.add_header("Content-Type", "application/json")
+    # The server may legitimately hold a trigger for up to --wait seconds.
+    timeout_s = args.timeout + getattr(args, "wait", 0.0)
     try:
-        with _OPENER.open(request, timeout=args.timeout or None) as response:
+        with _OPENER.open(request, timeout=timeout_s) as response:
             return Answer(response.status, json.loads(response.read() or b"null"))
     except urllib.error.HTTPError as error:
         try:
@@ -89,8 +106,28 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    args.token = args.token.strip()  # a token file written with CRLF, say
     if not args.token:
         print("synclock: no token: pass --token or set SYNCLOCK_TOKEN", file=sys.stderr)
+        return EXIT_USAGE
+    if not (args.token.isascii() and args.token.isprintable()) or " " in args.token:
+        # Never echo it: it is a secret, and probably a real one with a stray byte.
+        print(
+            "synclock: the token has a space, a control or a non-ASCII character,"
+            " which an HTTP header cannot carry",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    authority = args.url.partition("://")[2].partition("/")[0]
+    if "@" in authority:
+        print(
+            "synclock: --url must not carry a user or password; the token goes in"
+            " --token or SYNCLOCK_TOKEN",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not args.url.isprintable() or any(c.isspace() for c in args.url):
+        print(f"synclock: --url {args.url!r} has spaces or control characters", file=sys.stderr)
         return EXIT_USAGE
     try:
         parts = urllib.parse.urlsplit(args.url)
@@ -119,12 +156,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNEXPECTED
 
 
+def _is_problem(body: Any) -> bool:
+    """A problem document of synclock's own, not some other server's error page."""
+    return isinstance(body, dict) and str(body.get("type", "")).startswith(PROBLEM_PREFIX)
+
+
 def _refused(answer: Answer) -> int | None:
     """The exit code for an error answer, after saying what it was."""
     if 200 <= answer.status < 300 and isinstance(answer.body, dict):
         return None
-    if answer.status < 400:
-        print(f"synclock: unexpected HTTP {answer.status}", file=sys.stderr)
+    if answer.status < 400 or not _is_problem(answer.body):
+        print(f"synclock: HTTP {answer.status}, not an answer of synclock's API", file=sys.stderr)
         return EXIT_UNEXPECTED
     detail = answer.body.get("detail") if isinstance(answer.body, dict) else ""
     print(f"synclock: HTTP {answer.status}: {detail}", file=sys.stderr)
@@ -172,7 +214,7 @@ def _trigger(args: argparse.Namespace) -> int:
     if args.wait > 0:
         path += "?wait=" + f"{args.wait:.3f}".rstrip("0").rstrip(".")
     answer = call(args, "POST", path)
-    if answer.status == 429 and isinstance(answer.body, dict):
+    if answer.status == 429 and _is_problem(answer.body):
         holder = answer.body["holder"]
         _emit(
             args,
@@ -185,6 +227,14 @@ def _trigger(args: argparse.Namespace) -> int:
         return code
     body = answer.body
     if answer.status == 202:
+        if args.wait > 0:
+            _emit(
+                args,
+                body,
+                f"still running after {args.wait:g} s: run {body['run_id']}"
+                f" (fence {body['fence']}); follow it with `synclock runs`",
+            )
+            return EXIT_STILL_RUNNING
         _emit(args, body, f"started run {body['run_id']} (fence {body['fence']})")
         return EXIT_OK
     _emit(args, body, _run_table([body]))

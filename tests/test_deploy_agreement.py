@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from service.cli import CONNECTION_DRAIN_S
 from service.config import Settings, parse_duration_s
 from tests import deployfiles as df
 from tests.deploy_helpers import REPLICAS, compose_values, final_stage, replica_environment
@@ -69,7 +70,8 @@ def test_compose_and_k8s_settings_parse_and_outlast_the_shutdown_timeout() -> No
         grace_s = parse_duration_s(
             "stop_grace_period", compose["services"][name]["stop_grace_period"], low_s=0, high_s=600
         )
-        assert grace_s > settings.shutdown_timeout_s, name
+        # The sync's grace period, then open requests' drain budget.
+        assert grace_s > settings.shutdown_timeout_s + CONNECTION_DRAIN_S, name
     migrate = Settings.from_env(replica_environment("migrate", compose_values()))
     assert migrate.database_url == settings.database_url
 
@@ -78,7 +80,8 @@ def test_compose_and_k8s_settings_parse_and_outlast_the_shutdown_timeout() -> No
     pod = df.k8s_by_kind()["Deployment"]["spec"]["template"]["spec"]
     pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     pause_s = float(pre_stop[1]) if pre_stop[0] == "sleep" else 0.0
-    assert pod["terminationGracePeriodSeconds"] > pause_s + settings.shutdown_timeout_s
+    stop_s = pause_s + settings.shutdown_timeout_s + CONNECTION_DRAIN_S
+    assert pod["terminationGracePeriodSeconds"] > stop_s
     assert df.k8s_by_kind()["Deployment"]["spec"]["replicas"] >= 2
 
 

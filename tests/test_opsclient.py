@@ -87,6 +87,9 @@ def test_redirects_are_not_followed_and_odd_answers_are_not_tracebacks(tmp_path:
     class Odd(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(f"{self.path} {self.headers.get('Authorization')}")
+            if self.path.startswith("/html404"):  # some other web server's error page
+                self.answer(404, b"<html>Not Found</html>")
+                return
             if self.path.startswith("/steal"):
                 self.send_response(200)
                 self.end_headers()
@@ -103,6 +106,16 @@ def test_redirects_are_not_followed_and_odd_answers_are_not_tracebacks(tmp_path:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:
+            self.answer(429, b"<html>Too Many Requests</html>")
+
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def log_message(self, *_: object) -> None:
             return
 
@@ -115,6 +128,8 @@ def test_redirects_are_not_followed_and_odd_answers_are_not_tracebacks(tmp_path:
         junk = synclock(url, "runs")
         bad_wait = synclock(url, "trigger", "--wait", "nan")
         bad_url = synclock("http://[::1", "status")
+        not_found_page = synclock(url + "/html404", "status")
+        html_429 = synclock(url, "trigger")
     finally:
         server.shutdown()
         server.server_close()
@@ -124,6 +139,66 @@ def test_redirects_are_not_followed_and_odd_answers_are_not_tracebacks(tmp_path:
     assert junk.returncode == 6 and "unexpected answer" in junk.stderr
     assert bad_wait.returncode == 2 and "not a number of seconds" in bad_wait.stderr
     assert bad_url.returncode == 2 and "Traceback" not in bad_url.stderr
+    # Another server's 404 or 429 page is not a usage error or a busy lock.
+    assert not_found_page.returncode == 6 and "not an answer of synclock" in not_found_page.stderr
+    assert html_429.returncode == 6 and "not an answer of synclock" in html_429.stderr
+
+
+def test_tokens_and_urls_that_cannot_be_sent_are_usage_errors_and_never_echoed() -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    secret = "Zq9-secret-token-value-0123456789"
+    with_crlf = synclock(nowhere, "status", token=secret + "\r\n")  # a CRLF token file
+    with_cr = synclock(nowhere, "status", token=secret[:9] + "\r" + secret[9:])
+    non_ascii = synclock(nowhere, "status", token=secret + "\u20ac")
+    with_password = synclock(f"http://ops:{secret}@127.0.0.1:1", "status")
+    with_space = synclock(nowhere + "/ x", "status")
+    no_timeout = synclock(nowhere, "status", "--timeout", "0")
+
+    assert with_crlf.returncode == 4 and "cannot reach" in with_crlf.stderr  # sent, trimmed
+    assert with_cr.returncode == 2 and secret[9:] not in with_cr.stderr
+    assert non_ascii.returncode == 2 and secret not in non_ascii.stderr
+    assert "an HTTP header cannot carry" in non_ascii.stderr
+    assert with_password.returncode == 2 and secret not in with_password.stderr
+    assert with_space.returncode == 2 and "spaces" in with_space.stderr
+    assert no_timeout.returncode == 2 and "above 0" in no_timeout.stderr
+
+
+def test_an_empty_url_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from service import opsclient
+
+    monkeypatch.setenv("SYNCLOCK_URL", "")
+    parser = argparse.ArgumentParser()
+    opsclient.add_arguments(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["status"]).url == opsclient.DEFAULT_URL
+
+
+def test_trigger_wait_outlasts_the_timeout_and_says_when_the_run_is_still_going(
+    served: tuple[Replica, GatedUpstream],
+) -> None:
+    import threading
+    import time
+
+    replica, upstream = served
+    upstream.modes = ["gate", "gate"]  # both runs stall upstream until the gate opens
+    still_going = synclock(replica.url, "trigger", "--wait", "0.5")
+    upstream.gate.set()
+    for _ in range(100):  # the first run ends
+        if "running" not in synclock(replica.url, "runs", "--limit", "1").stdout:
+            break
+        time.sleep(0.05)
+    upstream.gate.clear()
+    opener = threading.Timer(2.0, upstream.gate.set)
+    opener.start()
+    try:  # the second run ends 2 s from now: past --timeout 1, within --wait 20
+        waited = synclock(replica.url, "trigger", "--wait", "20", "--timeout", "1")
+    finally:
+        opener.cancel()
+        upstream.gate.set()
+
+    assert still_going.returncode == 7 and "still running after 0.5 s" in still_going.stdout
+    assert waited.returncode == 0 and "succeeded" in waited.stdout, waited.stderr
 
 
 def test_a_reader_that_stops_early_is_not_an_unreachable_service(
