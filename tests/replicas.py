@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class GatedUpstream:
         self.gate = threading.Event()
         self.delay_s = 0.0  # every answer waits this long (a slow upstream)
         self.requests = 0
-        self.history: list[str] = []  # "arrived"/"answered" with monotonic times, for failures
+        self.history: list[str] = []  # arrivals and answers, UTC times as in replica logs
         self.arrived = threading.Event()
         self._lock = threading.Lock()
         upstream = self
@@ -123,11 +124,11 @@ class GatedUpstream:
                     mode = upstream.modes.pop(0) if upstream.modes else upstream.default
                     body = upstream.payloads.pop(0) if upstream.payloads else upstream.payload
                 upstream.arrived.set()
-                upstream.history.append(f"{time.monotonic():.3f} arrived ({mode})")
+                upstream.history.append(f"{utc_now()} arrived ({mode})")
                 if mode == "gate":
                     upstream.gate.wait(60)
                 time.sleep(upstream.delay_s)
-                upstream.history.append(f"{time.monotonic():.3f} answering")
+                upstream.history.append(f"{utc_now()} answering")
                 status = 500 if mode == "500" else 200
                 data = json.dumps(body).encode()
                 try:
@@ -155,6 +156,11 @@ class GatedUpstream:
         self.gate.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def utc_now() -> str:
+    """Wall-clock UTC, comparable with the ``timestamp`` of the replicas' log lines."""
+    return datetime.now(UTC).strftime("%H:%M:%S.%f")
 
 
 def priced(price_per_token: str, *ids: str) -> dict[str, Any]:
