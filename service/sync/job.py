@@ -431,8 +431,9 @@ class SyncJob:
 
     def retry_after_s(self, holder: Holder) -> int:
         """How long a refused caller should wait: about one typical run (the median
-        of the last 20 successes), never longer than the lease has left, at least 1 s.
-        A lease of 30 s says when the lock is free at the latest, not when it will be."""
+        of the last 20 successes), never longer than the lease's remaining time
+        (both rounded up to whole seconds), at least 1 s. A lease of 30 s says when
+        the lock is free at the latest, not when it will be."""
         wait_s = math.ceil(holder.remaining_ms / 1000)
         if self._typical_s is not None:
             wait_s = min(wait_s, math.ceil(self._typical_s))

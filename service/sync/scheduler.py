@@ -33,7 +33,6 @@ class Scheduler:
         self.interval_s = interval_s
         self.enabled = enabled
         metrics.SYNC_INTERVAL.set(interval_s)
-        self.next_run_at: datetime | None = None
         self._started = datetime.now(UTC)
         self._jitter_s = self._new_jitter_s()
 
@@ -64,7 +63,6 @@ class Scheduler:
                 log.warning("scheduler_backend_unavailable", error=exc.detail)
                 await asyncio.sleep(min(self.interval_s, 5.0))
                 continue
-            self.next_run_at = due
             wait_s = (due - datetime.now(UTC)).total_seconds()
             if wait_s > 0:
                 # Re-read the log at least every minute: another replica may have
