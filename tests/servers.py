@@ -20,6 +20,11 @@ from pathlib import Path
 import pytest
 
 
+def redis_argv(binary: str, port: int) -> list[str]:
+    """A redis-server on loopback that keeps nothing on disk."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
 def missing(what: str) -> None:
     """Skip with the reason; under SYNCLOCK_REQUIRE_BACKENDS=1 (CI) fail instead."""
     if os.environ.get("SYNCLOCK_REQUIRE_BACKENDS", "") == "1":
@@ -66,19 +71,7 @@ class ThrowawayRedis:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
+            [*redis_argv(self.binary, self.port), "--protected-mode", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

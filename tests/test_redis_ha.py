@@ -28,7 +28,7 @@ from service.lock import Holder, Lease, LeaseLock
 from service.redis_urls import parse
 from service.runtime import close_redis, connect_redis
 from service.store import Store
-from tests.servers import missing
+from tests.servers import missing, redis_argv
 
 # Several real server processes on a two-core machine: one rerun absorbs an OS
 # scheduling stall. A rerun is printed ("R", "1 rerun"), and a second failure fails.
@@ -86,15 +86,7 @@ class Processes:
     def redis(self, port: int, *extra: str) -> None:
         self.running[port] = subprocess.Popen(
             [
-                str(REDIS),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *redis_argv(str(REDIS), port),
                 "--dir",
                 str(self.folder),
                 *extra,
